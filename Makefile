@@ -1,0 +1,26 @@
+# sparse_dm — common tasks. PYTHON defaults to the project venv created by `make install`.
+PYTHON ?= .venv/bin/python
+
+.PHONY: install test lint train cost bench sweep-demo report clean
+
+install:  ## create .venv and install sparse_dm with dev extras
+	python3 -m venv .venv
+	.venv/bin/pip install -e '.[dev]'
+
+test:  ## the whole suite (CPU, no network)
+	WANDB_MODE=disabled $(PYTHON) -m pytest -q
+
+lint:
+	$(PYTHON) -m ruff check .
+
+train:  ## the default CPU run on the bundled KanjiVG (a few minutes)
+	$(PYTHON) -m sparse_dm.train
+
+cost:
+	$(PYTHON) -m sparse_dm.cost
+
+bench:  ## sparse-engine overhead vs dense, same process
+	$(PYTHON) -m benchmarks.engine_overhead
+
+clean:
+	rm -rf outputs multirun wandb .pytest_cache .ruff_cache

@@ -1,0 +1,76 @@
+"""Config checks that run before anything is built, so bad values fail fast with the key's name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sparse_dm.sparsity.criteria import GROW_CRITERIA, PRUNE_CRITERIA
+from sparse_dm.sparsity.distributions import DISTRIBUTIONS
+from sparse_dm.sparsity.schedule import SCHEDULES
+
+METHODS = ("dense", "static", "rigl", "magran")
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the key and the allowed values."""
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, throw_on_missing=True)
+
+
+def _check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], allowed: str, optional: bool = False) -> None:
+    value = _get(cfg, key)
+    if value is None and optional:
+        return
+    try:
+        valid = ok(value)
+    except TypeError:
+        valid = False
+    if not valid:
+        raise ConfigError(f"invalid config: {key}={value!r}; allowed: {allowed}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject invalid sparsity/method/optimisation values before data or models are built."""
+    _check(cfg, "method.name", lambda v: v in METHODS, f"one of {METHODS}")
+    _check(cfg, "sparsity", lambda v: _is_number(v) and 0.0 <= v < 1.0, "a number in [0, 1)")
+    if cfg.method.name == "dense" and cfg.sparsity != 0:
+        raise ConfigError(f"invalid config: sparsity={cfg.sparsity} with method=dense; allowed: 0 (use static/rigl/magran)")
+    if cfg.method.name != "dense" and cfg.sparsity == 0:
+        raise ConfigError(f"invalid config: sparsity=0 with method={cfg.method.name}; allowed: (0, 1) or method=dense")
+    _check(cfg, "prune_rate", lambda v: _is_number(v) and 0.0 < v <= 1.0, "a number in (0, 1]")
+    _check(cfg, "update_interval", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+    _check(cfg, "seed", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    _check(cfg, "method.distribution", lambda v: v in DISTRIBUTIONS, f"one of {DISTRIBUTIONS}")
+    _check(cfg, "method.prune", lambda v: v in PRUNE_CRITERIA, f"one of {sorted(PRUNE_CRITERIA)}")
+    _check(cfg, "method.grow", lambda v: v in GROW_CRITERIA, f"one of {sorted(GROW_CRITERIA)}", optional=True)
+    _check(cfg, "method.schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES}")
+    _check(cfg, "method.end_step", lambda v: _is_int(v) and v >= 1, "null or an integer >= 1", optional=True)
+    _check(cfg, "dataset.batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+    _check(cfg, "dataset.num_train", lambda v: _is_int(v) and v >= 1, "null or an integer >= 1", optional=True)
+    _check(cfg, "model.optimizer.lr", lambda v: _is_number(v) and v > 0, "a number > 0")
+    _check(cfg, "model.optimizer.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0")
+    _check(cfg, "model.ema.decay", lambda v: _is_number(v) and 0.0 <= v < 1.0, "a number in [0, 1)")
+    steps = _get(cfg, "model.diffusion.num_timesteps")
+    _check(cfg, "model.diffusion.num_timesteps", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+    _check(cfg, "model.sampling.steps", lambda v: _is_int(v) and 1 <= v <= steps, f"an integer in [1, {steps}]")
+    _check(cfg, "model.sampling.sampler", lambda v: v in ("ddim", "ddpm"), "ddim or ddpm")
+    _check(cfg, "model.sampling.num_samples", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+    _check(cfg, "cost.convention", lambda v: v in ("paper", "per_sample"), "paper or per_sample")
+    _check(cfg, "trainer.max_steps", lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 or an integer >= 1")
+    _check(cfg, "trainer.max_epochs", lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 or an integer >= 1",
+           optional=True)
+    if cfg.trainer.max_steps == -1 and (cfg.trainer.get("max_epochs") in (None, -1)):
+        raise ConfigError("invalid config: trainer.max_steps=-1 and trainer.max_epochs unset; set one of them")

@@ -1,0 +1,332 @@
+"""Stroke-3 sketches (sketch-rnn `.npz`): safe loading, ChiroDiff normalisation, batching.
+
+Representations (all small pure functions below, so every conversion is testable on its own):
+- stroke-3:  rows (dx, dy, pen) as stored by sketch-rnn; row 0 is an offset from the origin and
+             pen = 1 means the pen is lifted after that point (the stroke ends there).
+- absolute:  rows (x, y, pen), the cumulative sum of the stroke-3 offsets.
+- deltas:    the diffusion space. The normalised drawing starts at the origin, so row i holds
+             (x_i - x_{i-1}, y_i - y_{i-1}, pen_i) with x_{-1} = 0 (row 0 is therefore (0, 0, pen_0)).
+- features:  what the denoiser reads per step, (x, y, dx, dy, pen) with positions = cumsum(deltas);
+             see `deltas_to_features`.
+- strokes:   a list of (k, 2) point arrays, one per pen-down stroke, for rendering.
+
+Loading never executes pickled code: `.npz` members are parsed here and object arrays are rebuilt
+by an unpickler that only resolves the few NumPy callables needed to rebuild plain arrays.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import logging
+import pickle
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+try:  # NumPy >= 2
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # pragma: no cover - NumPy 1.x
+    from numpy.core.multiarray import _reconstruct
+
+log = logging.getLogger(__name__)
+
+ASSETS_DIR = Path(__file__).parent / "assets"
+SPLITS = ("train", "valid", "test")
+DATA_CHANNELS = 3  # deltas: (dx, dy, pen)
+FEATURE_CHANNELS = 5  # denoiser features: (x, y, dx, dy, pen)
+_LATIN1_NAMES = {"latin1", "latin-1", "iso-8859-1", "iso8859-1"}
+_BINARY_PEN_THRESHOLD = 0.5  # stored pen bits are exactly 0 or 1
+
+
+class UnsafePickleError(ValueError):
+    """A `.npz` object array asked for something other than plain NumPy array reconstruction."""
+
+
+def _latin1_encode(obj: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode` as Python-2 era NumPy pickles use it (array bytes stored as latin1 text)."""
+    if encoding.lower() not in _LATIN1_NAMES:
+        raise UnsafePickleError(f"_codecs.encode with encoding {encoding!r} is not allowed")
+    return codecs.encode(obj, "latin1")
+
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Resolves only the globals needed to rebuild ndarrays; anything else is refused unexecuted."""
+
+    def __init__(self, file: io.BytesIO, source: str) -> None:
+        super().__init__(file, encoding="latin1")
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> object:
+        allowed = _ALLOWED_GLOBALS.get((module, name))
+        if allowed is None:
+            raise UnsafePickleError(
+                f"{self.source}: refusing to unpickle global '{module}.{name}'; only NumPy array "
+                "reconstruction is allowed (the file may be malicious or not a sketch dataset)"
+            )
+        return allowed
+
+    def persistent_load(self, pid: object) -> object:
+        raise UnsafePickleError(f"{self.source}: persistent ids are not allowed in sketch files")
+
+
+def _read_npy_member(data: bytes, source: str) -> np.ndarray:
+    """One `.npy` member: plain arrays via NumPy (no pickle), object arrays via the safe unpickler."""
+    fp = io.BytesIO(data)
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:
+        raise ValueError(f"{source}: unsupported .npy format version {version}")
+    if not dtype.hasobject:
+        return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    array = _NumpyOnlyUnpickler(fp, source).load()
+    if not isinstance(array, np.ndarray) or array.shape != tuple(shape):
+        raise ValueError(f"{source}: object array payload does not match its header shape {shape}")
+    return array
+
+
+def load_npz_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """All arrays of an `.npz` file by key, never executing pickled code."""
+    path = Path(path)
+    arrays = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            if not member.endswith(".npy"):
+                continue
+            key = member.removesuffix(".npy")
+            arrays[key] = _read_npy_member(archive.read(member), f"{path} [{key}]")
+    return arrays
+
+
+def _as_drawing(item: object, source: str) -> np.ndarray:
+    if not isinstance(item, np.ndarray) or item.ndim != 2 or item.shape[1] != 3:
+        raise ValueError(f"{source}: expected (n, 3) stroke-3 arrays, got {type(item).__name__} "
+                         f"{getattr(item, 'shape', '')}")
+    if not (np.issubdtype(item.dtype, np.integer) or np.issubdtype(item.dtype, np.floating)):
+        raise ValueError(f"{source}: stroke-3 arrays must be numeric, got dtype {item.dtype}")
+    return item.astype(np.float32)
+
+
+def load_stroke3_npz(path: str | Path, splits: Sequence[str] = SPLITS) -> dict[str, list[np.ndarray]]:
+    """The named splits of a sketch-rnn `.npz` as lists of float32 (n, 3) stroke-3 arrays."""
+    arrays = load_npz_arrays(path)
+    missing = [s for s in splits if s not in arrays]
+    if missing:
+        raise KeyError(f"{path}: missing split(s) {missing}; found {sorted(arrays)}")
+    return {s: [_as_drawing(d, f"{path} [{s}]") for d in arrays[s]] for s in splits}
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """An existing file: `path` as given (absolute or relative to the working directory), else
+    relative to the bundled assets (`sparse_dm/data/assets/`), so `kanjivg/kanji.rdp200.npz` works
+    from any directory."""
+    candidate = Path(path).expanduser()
+    if candidate.is_file():
+        return candidate
+    bundled = ASSETS_DIR / candidate
+    if not candidate.is_absolute() and bundled.is_file():
+        return bundled
+    raise FileNotFoundError(f"dataset file {path!r} not found (also looked in {ASSETS_DIR})")
+
+
+# --- representation conversions -------------------------------------------------------------
+
+
+def stroke3_to_absolute(stroke3: np.ndarray) -> np.ndarray:
+    """(dx, dy, pen) offsets -> (x, y, pen) positions."""
+    out = stroke3.astype(np.float32, copy=True)
+    out[:, :2] = np.cumsum(out[:, :2], axis=0)
+    return out
+
+
+def normalise_absolute(absolute: np.ndarray, scale: float) -> np.ndarray:
+    """ChiroDiff normalisation: first point to the origin, the farthest point at distance `scale`."""
+    out = absolute.astype(np.float32, copy=True)
+    out[:, :2] -= out[:1, :2]
+    radius = float(np.linalg.norm(out[:, :2], axis=1).max())
+    if radius > 0.0:
+        out[:, :2] *= scale / radius
+    return out
+
+
+def absolute_to_deltas(absolute: np.ndarray) -> np.ndarray:
+    """Positions -> per-step displacements (row 0 relative to the origin)."""
+    out = absolute.astype(np.float32, copy=True)
+    out[:, :2] = np.diff(absolute[:, :2], axis=0, prepend=np.zeros((1, 2), absolute.dtype))
+    return out
+
+
+def stroke3_to_deltas(stroke3: np.ndarray, scale: float) -> np.ndarray:
+    """A raw stroke-3 drawing -> normalised deltas, the diffusion space."""
+    return absolute_to_deltas(normalise_absolute(stroke3_to_absolute(stroke3), scale))
+
+
+def deltas_to_features(deltas: Tensor) -> Tensor:
+    """(..., L, 3) deltas -> (..., L, 5) denoiser features (x, y, dx, dy, pen).
+
+    Positions are a causal cumsum, so padding after a drawing never changes its real positions.
+    """
+    return torch.cat([deltas[..., :2].cumsum(-2), deltas], dim=-1)
+
+
+def deltas_to_strokes(deltas: np.ndarray | Tensor, pen_threshold: float) -> list[np.ndarray]:
+    """Deltas (n, 3) -> pen-down strokes; a stroke ends after each point whose pen >= threshold."""
+    arr = deltas.detach().cpu().numpy() if isinstance(deltas, Tensor) else np.asarray(deltas)
+    points = np.cumsum(arr[:, :2].astype(np.float64), axis=0)
+    ends = np.flatnonzero(arr[:-1, 2] >= pen_threshold) + 1
+    return [s for s in np.split(points, ends) if len(s)]
+
+
+def stroke3_to_strokes(stroke3: np.ndarray) -> list[np.ndarray]:
+    """Raw stroke-3 (pen in {0, 1}) -> strokes, for rendering real data."""
+    return deltas_to_strokes(stroke3, pen_threshold=_BINARY_PEN_THRESHOLD)
+
+
+# --- datasets and batching ------------------------------------------------------------------
+
+
+def preprocess_drawings(
+    drawings: Sequence[np.ndarray], max_len: int, scale: float, source: str = ""
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Drop drawings with >= max_len points (count logged), normalise the rest to deltas.
+
+    Returns the kept drawings and the indices they came from (to keep labels aligned).
+    """
+    keep = np.array([i for i, d in enumerate(drawings) if 0 < len(d) < max_len], dtype=np.int64)
+    dropped = len(drawings) - len(keep)
+    if dropped:
+        log.info("%s: dropped %d of %d drawings with >= %d points", source, dropped, len(drawings), max_len)
+    return [stroke3_to_deltas(drawings[i], scale) for i in keep], keep
+
+
+class Stroke3Dataset(Dataset):
+    """Normalised delta sequences, optionally with integer class labels."""
+
+    def __init__(self, drawings: list[np.ndarray], labels: Sequence[int] | None = None) -> None:
+        if labels is not None and len(labels) != len(drawings):
+            raise ValueError("labels must align with drawings")
+        self.drawings = [torch.from_numpy(d) for d in drawings]
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.drawings)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        item = {"x": self.drawings[index]}
+        if self.labels is not None:
+            item["label"] = self.labels[index]
+        return item
+
+    def lengths(self) -> Tensor:
+        return torch.tensor([len(d) for d in self.drawings], dtype=torch.long)
+
+
+def pad_sequences(seqs: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Zero-pad (n_i, C) tensors to (B, max n, C); also lengths (B,) and a bool mask (B, max n)."""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    padded = torch.nn.utils.rnn.pad_sequence(list(seqs), batch_first=True)
+    mask = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
+    return padded, lengths, mask
+
+
+def collate_stroke3(items: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Batch dict: x (B, L, 3), lengths (B,), mask (B, L) True on real points, label (B,) if any."""
+    x, lengths, mask = pad_sequences([it["x"] for it in items])
+    batch = {"x": x, "lengths": lengths, "mask": mask}
+    if "label" in items[0]:
+        batch["label"] = torch.stack([it["label"] for it in items])
+    return batch
+
+
+class Stroke3DataModule(L.LightningDataModule):
+    """Any sketch-rnn style `.npz` with train/valid/test splits (the file's own, fixed splits).
+
+    `num_train` keeps the first n training drawings (null = all). `length_pool()` exposes the
+    validation lengths, which ChiroDiff sampling draws its sequence lengths from.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        max_len: int = 300,
+        scale: float = 10.0,
+        num_train: int | None = None,
+        val_batch_size: int | None = None,
+        name: str = "stroke3",
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.path = path
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.max_len = max_len
+        self.scale = scale
+        self.num_train = num_train
+        self.val_batch_size = val_batch_size or batch_size
+        self.datasets: dict[str, Stroke3Dataset] = {}
+
+    def load_splits(self) -> dict[str, tuple[list[np.ndarray], list[int] | None]]:
+        """Raw stroke-3 drawings (and labels, None here) per split, training set cut to num_train;
+        subclasses read other sources."""
+        splits = load_stroke3_npz(resolve_data_path(self.path))
+        splits["train"] = splits["train"][: self.num_train]
+        return {s: (d, None) for s, d in splits.items()}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        for split, (drawings, labels) in self.load_splits().items():
+            kept, index = preprocess_drawings(drawings, self.max_len, self.scale, f"{self.path} [{split}]")
+            kept_labels = None if labels is None else [labels[i] for i in index]
+            self.datasets[split] = Stroke3Dataset(kept, kept_labels)
+
+    def num_train_samples(self) -> int:
+        """Training drawings after filtering (the cost report's N)."""
+        self.setup()
+        return len(self.datasets["train"])
+
+    def length_pool(self) -> Tensor:
+        """Lengths of the held-out (validation) drawings."""
+        self.setup()
+        return self.datasets["valid"].lengths()
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_stroke3,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", False, self.val_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.val_batch_size)

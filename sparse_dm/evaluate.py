@@ -1,0 +1,200 @@
+"""FID/KID of a trained run: `python -m sparse_dm.evaluate ckpt_path=RUN/checkpoints/last.ckpt
+num_samples=10000 sampling_steps=100`.
+
+Rebuilds the run from the config it saved, loads the checkpoint, samples with the EMA weights
+(sketches rendered by sparse_dm.eval.rasterise, LDM images decoded from [-1, 1]) and compares them with
+the training set. Results are merged into the run's summary.json only after everything succeeded:
+`fid_by_steps[steps]` always, and the top-level `fid`, `kid_mean`, `kid_std`, `num_samples`,
+`sampling_steps` when `steps` is the run's configured sampling steps (the paper's setting) or the run
+has no FID yet, so Table 8 sweeps over steps never replace the main result (Table 8 sweep:
+multirun_sweeps/table8_ddim_steps.yaml). Quote paths that contain ',' or '=': ckpt_path="'...'".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from sparse_dm.data.stroke3 import deltas_to_strokes
+from sparse_dm.eval.fidelity import FidelityConfig, compute_fidelity, resolve_weights, to_uint8
+from sparse_dm.eval.rasterise import render_batch
+from sparse_dm.lightning.chirodiff_module import ChiroDiffModule
+from sparse_dm.lightning.diffusion_module import DiffusionModule
+from sparse_dm.summary import write_summary
+from sparse_dm.train import build_run
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = "config.yaml"  # resolved config written by sparse_dm.train into the run dir
+HYDRA_RUN_CONFIG = Path(".hydra") / "config.yaml"
+SUMMARY = "summary.json"
+STEPS_KEY = "fid_by_steps"
+RGB_CHANNELS = 3
+GRID_SAMPLES = 64  # samples drawn into the evaluation's PNG grid
+
+EVALUATE_DEFAULTS = {
+    "ckpt_path": "???",
+    "run_dir": None,  # null: the folder above the checkpoint's checkpoints/ folder
+    "num_samples": 10000,
+    "sampling_steps": None,  # null: the run's model.sampling.steps
+    "batch_size": 256,  # samples generated per sampler call
+    "num_reference": None,  # null: the whole training set
+    "seed": 0,
+    "device": None,  # null: cuda when available
+    "fidelity": {
+        "feature_extractor": "inception-v3-compat",
+        "weights_path": None,  # local Inception weights for offline machines
+        "kid_subset_size": 1000,
+        "kid_subsets": 100,
+        "batch_size": 64,
+        "cuda": None,
+        "verbose": False,
+    },
+    "hydra": {
+        "run": {"dir": "outputs/evaluate/${now:%Y-%m-%d_%H-%M-%S}"},
+        "sweep": {"dir": "multirun/evaluate/${now:%Y-%m-%d_%H-%M-%S}", "subdir": "${hydra:job.num}"},
+        "job": {"chdir": False},
+    },
+}
+ConfigStore.instance().store(name="evaluate", node=EVALUATE_DEFAULTS)
+
+
+def run_dir_of(ckpt_path: Path, run_dir: str | None) -> Path:
+    """The training run's folder: given, or the parent of the checkpoint's `checkpoints/` folder."""
+    return Path(run_dir) if run_dir else ckpt_path.resolve().parent.parent
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """The run's config (resolved copy if present), pointed at the run dir for outputs."""
+    for name in (RUN_CONFIG, HYDRA_RUN_CONFIG):
+        if (run_dir / name).is_file():
+            cfg = OmegaConf.load(run_dir / name)
+            cfg.paths.output_dir = str(run_dir)
+            return cfg
+    raise FileNotFoundError(
+        f"no {RUN_CONFIG} or {HYDRA_RUN_CONFIG} in {run_dir}: is this a training run folder?"
+    )
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Tensors-only loading when the checkpoint allows it; full unpickling only as a logged fallback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        log.warning(
+            "%s holds non-tensor objects (%s); loading it fully - only do this for trusted files",
+            path,
+            str(err).splitlines()[0],
+        )
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (1 or 3 channels) -> uint8 RGB, what the feature extractor expects."""
+    out = to_uint8(images)
+    return out.expand(-1, RGB_CHANNELS, -1, -1).contiguous() if out.shape[1] == 1 else out
+
+
+def sketches_to_images(module: ChiroDiffModule, deltas: list[torch.Tensor]) -> torch.Tensor:
+    """Delta sequences -> strokes (the module's pen threshold) -> the documented renderer."""
+    threshold = float(module.sampling_cfg["pen_threshold"])
+    return render_batch([deltas_to_strokes(d, threshold) for d in deltas], **module.render_cfg)
+
+
+def reference_images(module: DiffusionModule, datamodule: Any, limit: int | None) -> torch.Tensor:
+    """The training set as uint8 RGB images, rendered / converted exactly like the samples."""
+    datamodule.setup("fit")
+    if isinstance(module, ChiroDiffModule):
+        return sketches_to_images(module, datamodule.datasets["train"].drawings[:limit])
+    chunks, count = [], 0
+    for batch in DataLoader(datamodule.train_set, batch_size=datamodule.batch_size, shuffle=False):
+        chunks.append(to_rgb_uint8(batch["image"]))
+        count += len(chunks[-1])
+        if limit is not None and count >= limit:
+            break
+    return torch.cat(chunks)[:limit]
+
+
+@torch.no_grad()
+def generate_images(module: DiffusionModule, cfg: DictConfig, steps: int, run_dir: Path) -> torch.Tensor:
+    """num_samples samples with the EMA weights, as uint8 RGB; a PNG grid of the first ones is kept."""
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    images = []
+    with module.ema_weights():
+        for start in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc=f"sampling ({steps} steps)"):
+            n = min(cfg.batch_size, cfg.num_samples - start)
+            samples = module.generate(n, generator, steps=steps)
+            if start == 0:
+                module.save_samples(samples[:GRID_SAMPLES], run_dir / "samples" / f"eval_steps{steps}.png")
+            is_sketch = isinstance(module, ChiroDiffModule)
+            images.append(sketches_to_images(module, samples) if is_sketch else to_rgb_uint8(samples))
+    return torch.cat(images)
+
+
+def merge_results(summary_path: Path, result: dict[str, Any], steps: int, default_steps: int) -> None:
+    """Record this evaluation; the headline FID follows the run's configured step count."""
+    summary = json.loads(summary_path.read_text())
+    update: dict[str, Any] = {STEPS_KEY: {**summary.get(STEPS_KEY, {}), str(steps): result}}
+    if steps == default_steps or summary.get("fid") is None:
+        update.update(result)
+    write_summary(summary_path, update)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate one checkpoint; returns the FID/KID record also merged into the run's summary.json."""
+    fidelity = FidelityConfig.from_mapping(OmegaConf.to_container(cfg.fidelity, resolve=True))
+    resolve_weights(fidelity)  # fail before building or sampling anything
+    ckpt_path = Path(cfg.ckpt_path)
+    run_dir = run_dir_of(ckpt_path, cfg.run_dir)
+    summary_path = run_dir / SUMMARY
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"no {SUMMARY} in {run_dir}: evaluate runs that finished training")
+    run_cfg = load_run_config(run_dir)
+    module, datamodule, _ = build_run(run_cfg)
+    checkpoint = load_checkpoint(ckpt_path)
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    module.to(device).eval()
+    default_steps = int(run_cfg.model.sampling.steps)
+    steps = int(cfg.sampling_steps or default_steps)
+    reference = reference_images(module, datamodule, cfg.num_reference)  # data errors surface before sampling
+    generated = generate_images(module, cfg, steps, run_dir)
+    result = {
+        **compute_fidelity(generated, reference, fidelity),
+        "num_samples": int(generated.shape[0]),
+        "sampling_steps": steps,
+        "num_reference": int(reference.shape[0]),
+        "feature_extractor": fidelity.feature_extractor,
+        "eval_ckpt_path": str(ckpt_path),
+    }
+    merge_results(summary_path, result, steps, default_steps)
+    log.info(
+        "%s: FID %.3f KID %.5f +- %.5f (%d samples, %d steps)",
+        run_dir,
+        result["fid"],
+        result["kid_mean"],
+        result["kid_std"],
+        result["num_samples"],
+        steps,
+    )
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> float:
+    return evaluate(cfg)["fid"]
+
+
+if __name__ == "__main__":
+    main()

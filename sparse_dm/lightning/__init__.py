@@ -1,0 +1,1 @@
+"""Lightning adapters: the shared diffusion LightningModule, model-family modules, DST callback."""

@@ -1,0 +1,168 @@
+"""The LightningModule skeleton shared by every diffusion model family.
+
+eps-prediction training with a masked MSE, a fixed-seed validation loss (same timesteps and noise
+every time, so runs compare across methods and sparsities), AdamW, a masked EMA used for validation
+and sampling, and sample grids written as PNG. Families implement the data representation and
+the denoiser call (see docs/CONTRACTS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from sparse_dm.diffusion import NoiseSchedule, masked_mse, sample
+from sparse_dm.diffusion.losses import per_sample_masked_mse
+from sparse_dm.sparsity.ema import MaskedEMA
+
+
+@dataclass
+class DiffusionBatch:
+    """One batch in the space the noise is added to."""
+
+    x0: Tensor
+    mask: Tensor | None = None
+    cond: Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DiffusionModule(L.LightningModule):
+    """Base class; subclasses implement prepare_batch, predict_eps, generate, save_samples and
+    example_net_inputs."""
+
+    def __init__(
+        self,
+        name: str,
+        net: nn.Module,
+        diffusion: dict,
+        optimizer: dict,
+        ema: dict,
+        sampling: dict,
+        validation: dict,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"], logger=False)
+        self.model_name = name
+        self.net = net
+        self.schedule = NoiseSchedule(
+            diffusion["schedule"], diffusion["num_timesteps"], diffusion["beta_start"], diffusion["beta_end"]
+        )
+        self.ema = MaskedEMA(net, ema["decay"])
+        self.optimizer_cfg = dict(optimizer)
+        self.sampling_cfg = dict(sampling)
+        self.validation_cfg = dict(validation)
+        self.output_dir: Path | None = None
+        self.sample_paths: list[str] = []
+        self.last_validated_step = -1
+
+    # ----- family-specific hooks -------------------------------------------------------------
+    def prepare_batch(self, batch: Any) -> DiffusionBatch:
+        raise NotImplementedError
+
+    def predict_eps(self, x_t: Tensor, t: Tensor, batch: DiffusionBatch) -> Tensor:
+        raise NotImplementedError
+
+    def generate(self, num_samples: int, generator: torch.Generator, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def save_samples(self, samples: Any, path: Path) -> Path:
+        raise NotImplementedError
+
+    def example_net_inputs(self, batch_size: int = 1) -> tuple:
+        raise NotImplementedError
+
+    # ----- shared machinery ------------------------------------------------------------------
+    @contextmanager
+    def ema_weights(self) -> Iterator[nn.Module]:
+        """Run self.net with the (masked) EMA weights inside the block."""
+        with self.ema.swapped_into(self.net) as net:
+            yield net
+
+    def sample_with(self, eps_fn, x_T: Tensor, generator: torch.Generator | None, **overrides: Any) -> Tensor:
+        """Run the configured sampler (sampling.sampler / steps / eta), allowing per-call overrides."""
+        cfg = {**self.sampling_cfg, **overrides}
+        return sample(
+            eps_fn,
+            x_T,
+            self.schedule,
+            sampler=cfg["sampler"],
+            num_steps=cfg["steps"],
+            eta=cfg["eta"],
+            generator=generator,
+            progress=cfg.get("progress", False),
+        )
+
+    def diffusion_loss(self, batch: DiffusionBatch, t: Tensor, noise: Tensor, reduce: bool = True) -> Tensor:
+        x_t = self.schedule.q_sample(batch.x0, t, noise)
+        eps = self.predict_eps(x_t, t, batch)
+        if reduce:
+            return masked_mse(eps, noise, batch.mask)
+        return per_sample_masked_mse(eps, noise, batch.mask)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        data = self.prepare_batch(batch)
+        x0 = data.x0
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device)
+        loss = self.diffusion_loss(data, t, torch.randn_like(x0))
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Update the EMA right after each real optimizer step, before any callback's
+        on_train_batch_end (so checkpoints saved there hold the EMA of that step)."""
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.net)
+
+    def _fixed_noise(self, x0: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
+        """Timesteps and noise that depend only on (validation.seed, batch index)."""
+        generator = torch.Generator().manual_seed(int(self.validation_cfg["seed"]) + batch_idx)
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        return t.to(x0.device), noise.to(x0.device)
+
+    def on_validation_epoch_start(self) -> None:
+        self._ema_context = self.ema_weights()
+        self._ema_context.__enter__()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        data = self.prepare_batch(batch)
+        t, noise = self._fixed_noise(data.x0, batch_idx)
+        loss = self.diffusion_loss(data, t, noise)
+        self.log("val/loss", loss, prog_bar=True, batch_size=data.x0.shape[0], sync_dist=True)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        self._ema_context.__exit__(None, None, None)
+        self.last_validated_step = self.trainer.global_step
+        if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
+            self.write_samples()
+
+    @torch.no_grad()
+    def write_samples(self, tag: str | None = None) -> Path | None:
+        """Generate sampling.num_samples with the EMA weights and a fixed seed (rank 0 only); save a PNG grid."""
+        if self.output_dir is None or not self.trainer.is_global_zero:
+            return None
+        generator = torch.Generator().manual_seed(int(self.sampling_cfg["seed"]))
+        with self.ema_weights():
+            samples = self.generate(int(self.sampling_cfg["num_samples"]), generator)
+        name = tag or f"step_{self.trainer.global_step:06d}"
+        path = self.save_samples(samples, Path(self.output_dir) / "samples" / f"{name}.png")
+        self.sample_paths.append(str(path))
+        return path
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cfg = self.optimizer_cfg
+        return torch.optim.AdamW(
+            self.net.parameters(),
+            lr=cfg["lr"],
+            weight_decay=cfg["weight_decay"],
+            betas=tuple(cfg["betas"]),
+            eps=cfg["eps"],
+        )

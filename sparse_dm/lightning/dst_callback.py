@@ -1,0 +1,76 @@
+"""DSTCallback: a thin Lightning adapter around SparseEngine.
+
+Lightning calls `on_before_optimizer_step` after AMP unscaling and gradient accumulation and before
+gradient clipping, which is exactly where the engine masks gradients (and keeps the dense gradient
+at update steps). `on_train_batch_end` follows the optimizer step; a change of `global_step` tells
+that a step really happened (not just an accumulation micro-batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from sparse_dm.sparsity.ema import MaskedEMA
+from sparse_dm.sparsity.engine import SparseEngine, UpdateReport
+
+
+class DSTCallback(L.Callback):
+    """Drives a SparseEngine; keeps its counters in checkpoints; logs each mask update.
+
+    Works with any LightningModule. If the module has a MaskedEMA at `.ema` over `.net`, its shadow
+    weights are re-masked whenever the masks change.
+    """
+
+    def __init__(self, engine: SparseEngine, log_layers: bool = True) -> None:
+        self.engine = engine
+        self.log_layers = log_layers
+        self._last_step: int | None = None
+        self.reports: list[UpdateReport] = []
+
+    @property
+    def state_key(self) -> str:
+        return "DSTCallback"
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self.engine.before_step()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._last_step:
+            return
+        self._last_step = trainer.global_step
+        report = self.engine.after_step(trainer.optimizers[0])
+        if report is not None:
+            ema = getattr(pl_module, "ema", None)
+            if isinstance(ema, MaskedEMA):
+                ema.remask(pl_module.net)
+            self.reports.append(report)
+            self._log_update(trainer, report)
+
+    def _log_update(self, trainer: L.Trainer, report: UpdateReport) -> None:
+        metrics: dict[str, float] = {
+            "sparsity/exploration_rate": report.exploration_rate,
+            "sparsity/mask_updates": float(self.engine.num_updates),
+            "sparsity/drop_fraction": report.drop_fraction,
+            "sparsity/replaced": float(sum(layer.grown for layer in report.layers)),
+        }
+        if self.log_layers:
+            for stats in self.engine.layer_stats():
+                metrics[f"density/{stats['name']}"] = stats["density"]
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state_dict)

@@ -1,0 +1,165 @@
+"""Latent Diffusion: the UNet denoises latents of a frozen first stage (VQ-f4 in the paper).
+
+The first stage lives in ``self.first_stage``, outside ``self.net``, so the sparsity engine, the
+optimizer and the EMA never see it. Class-conditional models get classifier-free guidance: labels
+are replaced by the UNet's null label with probability ``conditioning.label_dropout`` in training,
+and sampling mixes conditional and unconditional predictions with ``sampling.guidance_scale``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.utils import save_image
+
+from sparse_dm.lightning.diffusion_module import DiffusionBatch, DiffusionModule
+from sparse_dm.models.vq_autoencoder import VQModel, load_first_stage
+
+FIRST_STAGE_KINDS = ("vq", "identity")
+
+
+class IdentityFirstStage(nn.Module):
+    """Pixel-space diffusion (latents are the images); only for tiny CPU presets, chosen explicitly."""
+
+    def encode(self, x: Tensor) -> Tensor:
+        return x
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z
+
+
+def build_first_stage(cfg: dict) -> nn.Module:
+    """The frozen autoencoder from ``model.first_stage`` (weights are loaded later, at fit time)."""
+    kind = cfg["kind"]
+    if kind == "identity":
+        return IdentityFirstStage()
+    if kind == "vq":
+        return VQModel(**cfg["params"]).freeze()
+    raise ValueError(f"model.first_stage.kind must be one of {FIRST_STAGE_KINDS}, got {kind!r}")
+
+
+class LatentDiffusionModule(DiffusionModule):
+    """LDM on top of the shared diffusion module. ``latent_shape`` = (C, H, W) of the UNet input."""
+
+    def __init__(
+        self,
+        name: str,
+        net: nn.Module,
+        diffusion: dict,
+        optimizer: dict,
+        ema: dict,
+        sampling: dict,
+        validation: dict,
+        first_stage: dict,
+        latent_shape: list[int],
+        conditioning: dict | None = None,
+    ) -> None:
+        super().__init__(name, net, diffusion, optimizer, ema, sampling, validation)
+        self.first_stage_cfg = dict(first_stage)
+        self.first_stage = build_first_stage(self.first_stage_cfg)
+        self.latent_shape = tuple(latent_shape)
+        self.num_classes = getattr(net, "num_classes", None)
+        self.label_dropout = float((conditioning or {}).get("label_dropout", 0.0))
+        self._first_stage_loaded = False
+
+    # ----- first stage ------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Load the first-stage weights once (required for the VQ first stage; not needed for costs)."""
+        if self._first_stage_loaded or self.first_stage_cfg["kind"] != "vq":
+            return
+        path = self.first_stage_cfg.get("ckpt_path")
+        if not path:
+            raise ValueError(
+                "model.first_stage.ckpt_path is not set: download the CompVis vq-f4 checkpoint "
+                "(or train one with `python -m sparse_dm.train_autoencoder`) and pass its path"
+            )
+        load_first_stage(self.first_stage, path)
+        self._first_stage_loaded = True
+
+    def train(self, mode: bool = True) -> LatentDiffusionModule:
+        """Keep the frozen first stage in eval mode whatever Lightning asks of the module."""
+        super().train(mode)
+        self.first_stage.eval()
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        return self.first_stage.encode(images)
+
+    @torch.no_grad()
+    def decode_latents(self, z: Tensor) -> Tensor:
+        return self.first_stage.decode(z).clamp(-1.0, 1.0)
+
+    def on_fit_start(self) -> None:
+        """Switch the datamodule to cached latents when it is configured to cache them."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.first_stage_cfg["kind"] == "vq" and hasattr(datamodule, "use_latents"):
+            tag = f"{self.first_stage_cfg.get('ckpt_path')}|{sorted(self.first_stage_cfg['params'].items())}"
+            datamodule.use_latents(self.encode_images, tag, self.device)
+
+    # ----- DiffusionModule hooks ------------------------------------------------------------------
+    def prepare_batch(self, batch: dict[str, Tensor]) -> DiffusionBatch:
+        """Images -> latents (or cached latents as they are); labels with CFG dropout in training."""
+        x0 = batch["latent"] if "latent" in batch else self.encode_images(batch["image"])
+        cond = None
+        if self.num_classes is not None:
+            if "label" not in batch:
+                raise ValueError("class-conditional model needs labelled data (dataset.class_folders=true)")
+            cond = batch["label"]
+            if self.training and self.label_dropout > 0:
+                drop = torch.rand(cond.shape, device=cond.device) < self.label_dropout
+                cond = torch.where(drop, torch.full_like(cond, self.net.null_label), cond)
+        return DiffusionBatch(x0=x0, cond=cond)
+
+    def predict_eps(self, x_t: Tensor, t: Tensor, batch: DiffusionBatch) -> Tensor:
+        return self.net(x_t, t, batch.cond) if batch.cond is not None else self.net(x_t, t)
+
+    def guided_eps_fn(self, labels: Tensor | None, guidance_scale: float):
+        """eps(x_t, t) for the sampler; classifier-free guidance when scale != 1 (1 = conditional model)."""
+        if labels is None:
+            return lambda x, t: self.net(x, t)
+        if guidance_scale == 1.0:
+            return lambda x, t: self.net(x, t, labels)
+        null = torch.full_like(labels, self.net.null_label)
+
+        def eps_fn(x: Tensor, t: Tensor) -> Tensor:
+            eps_c, eps_u = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+            return eps_u + guidance_scale * (eps_c - eps_u)
+
+        return eps_fn
+
+    @torch.no_grad()
+    def generate(self, num_samples: int, generator: torch.Generator, **kwargs: Any) -> Tensor:
+        """Sample latents with the configured sampler and decode them: images in [-1, 1].
+
+        kwargs: ``labels`` (LongTensor[num_samples], conditional models; default: drawn from the
+        generator), ``guidance_scale`` (default sampling.guidance_scale), and sampler overrides.
+        """
+        labels = kwargs.pop("labels", None)
+        scale = float(kwargs.pop("guidance_scale", self.sampling_cfg.get("guidance_scale", 1.0)))
+        if self.num_classes is not None and labels is None:
+            labels = torch.randint(0, self.num_classes, (num_samples,), generator=generator)
+        x_T = torch.randn((num_samples, *self.latent_shape), generator=generator).to(self.device)
+        labels = None if labels is None else labels.to(self.device)
+        z = self.sample_with(self.guided_eps_fn(labels, scale), x_T, generator, **kwargs)
+        return self.decode_latents(z)
+
+    def save_samples(self, samples: Tensor, path: Path) -> Path:
+        """A square-ish PNG grid of images in [-1, 1]."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image((samples.float().cpu() + 1.0) / 2.0, path, nrow=math.ceil(math.sqrt(samples.shape[0])))
+        return path
+
+    def example_net_inputs(self, batch_size: int = 1) -> tuple:
+        """(x, t[, y]) at the latent shape on self.net's device (works on ``meta``)."""
+        device = next(self.net.parameters()).device
+        x = torch.zeros((batch_size, *self.latent_shape), device=device)
+        t = torch.zeros((batch_size,), dtype=torch.long, device=device)
+        if self.num_classes is None:
+            return x, t
+        return x, t, torch.zeros((batch_size,), dtype=torch.long, device=device)

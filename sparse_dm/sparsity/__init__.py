@@ -1,0 +1,20 @@
+"""The sparsity engine: masks, layer densities, prune/grow criteria, schedules, FLOPs accounting.
+
+Plain PyTorch; no Lightning and nothing diffusion-specific, so it drops into any training loop.
+"""
+
+from sparse_dm.sparsity.distributions import layer_counts, layer_densities
+from sparse_dm.sparsity.ema import MaskedEMA
+from sparse_dm.sparsity.engine import SparseEngine, UpdateReport
+from sparse_dm.sparsity.masks import PrunableWeight, apply_masks, find_prunable
+
+__all__ = [
+    "MaskedEMA",
+    "PrunableWeight",
+    "SparseEngine",
+    "UpdateReport",
+    "apply_masks",
+    "find_prunable",
+    "layer_counts",
+    "layer_densities",
+]

@@ -1,0 +1,86 @@
+"""Prune and grow criteria: plain score functions with one signature, kept in registries.
+
+A criterion maps (weight, dense gradient, mask, generator) to a score per position; higher means
+"keep" for pruning and "grow first" for growth. Adding e.g. SNIP scores or momentum growth is one
+function plus one config line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ScoreFn = Callable[[Tensor, Tensor | None, Tensor, torch.Generator], Tensor]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    score: ScoreFn
+    needs_grad: bool
+
+
+PRUNE_CRITERIA: dict[str, Criterion] = {}
+GROW_CRITERIA: dict[str, Criterion] = {}
+
+
+def register(registry: dict[str, Criterion], name: str, needs_grad: bool = False):
+    """Decorator adding a score function to a criterion registry."""
+
+    def wrap(fn: ScoreFn) -> ScoreFn:
+        registry[name] = Criterion(fn, needs_grad)
+        return fn
+
+    return wrap
+
+
+def get(registry: dict[str, Criterion], name: str, key: str) -> Criterion:
+    if name not in registry:
+        raise ValueError(f"{key} must be one of {sorted(registry)}, got {name!r}")
+    return registry[name]
+
+
+@register(PRUNE_CRITERIA, "magnitude")
+def magnitude(weight: Tensor, grad: Tensor | None, mask: Tensor, generator: torch.Generator) -> Tensor:
+    """Keep the largest |w| (RigL, SET, MagRan)."""
+    return weight.detach().abs()
+
+
+@register(GROW_CRITERIA, "gradient", needs_grad=True)
+def gradient(weight: Tensor, grad: Tensor | None, mask: Tensor, generator: torch.Generator) -> Tensor:
+    """Grow where the dense gradient is largest (RigL)."""
+    if grad is None:
+        raise ValueError("gradient growth needs the dense gradient of the update step")
+    return grad.abs()
+
+
+@register(GROW_CRITERIA, "random")
+def random(weight: Tensor, grad: Tensor | None, mask: Tensor, generator: torch.Generator) -> Tensor:
+    """Grow uniformly at random (SET, MagRan). Drawn on CPU so every rank draws the same numbers."""
+    return torch.rand(weight.shape, generator=generator).to(weight.device)
+
+
+def top_k_mask(scores: Tensor, eligible: Tensor, k: int) -> Tensor:
+    """Bool mask of the k highest-scoring eligible positions; exact ties go to the lowest flat index.
+
+    One `topk` for the threshold and one pass over the tied values: O(n), no full sort, and the
+    result never depends on the kernel's tie order.
+    """
+    flat_scores = scores.flatten().float()
+    flat_eligible = eligible.flatten()
+    chosen = torch.zeros_like(flat_eligible)
+    if k <= 0:
+        return chosen.view_as(eligible)
+    n_eligible = int(flat_eligible.sum())
+    if k > n_eligible:
+        raise ValueError(f"cannot select {k} of {n_eligible} eligible positions")
+    masked = flat_scores.masked_fill(~flat_eligible, float("-inf"))
+    threshold = torch.topk(masked, k, sorted=False).values.min()
+    above = flat_eligible & (masked > threshold)
+    chosen |= above
+    missing = k - int(above.sum())
+    tied = (flat_eligible & (masked == threshold)).nonzero().flatten()[:missing]
+    chosen[tied] = True
+    return chosen.view_as(eligible)

@@ -1,0 +1,154 @@
+"""SparseEngine: exact sparse-to-sparse training for any nn.Module and any training loop.
+
+    engine = SparseEngine(model, sparsity=0.5, grow="gradient", update_interval=800)
+    loss.backward()
+    engine.before_step()            # after AMP unscaling, before clipping
+    clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    engine.after_step(optimizer)    # re-mask; every Te steps prune + grow + reset optimizer state
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sparse_dm.sparsity import criteria
+from sparse_dm.sparsity.distributions import layer_counts
+from sparse_dm.sparsity.explorer import LayerUpdate, explore, reset_optimizer_state, update_generator
+from sparse_dm.sparsity.masks import (
+    PrunableWeight,
+    apply_masks,
+    find_prunable,
+    mask_gradients,
+    random_mask,
+    register_masks,
+)
+from sparse_dm.sparsity.schedule import UpdateSchedule
+
+INIT_UPDATE_INDEX = -1  # the generator index used for the initial random masks
+
+
+@dataclass(frozen=True)
+class UpdateReport:
+    """What one exploration did, for logging."""
+
+    step: int
+    update_index: int
+    drop_fraction: float
+    layers: list[LayerUpdate]
+    exploration_rate: float
+
+
+class SparseEngine:
+    """Owns the masks of one model: init (uniform/ER/ERK, exact counts), gradient masking,
+    re-masking after each optimizer step, and periodic prune/grow (dynamic methods only).
+
+    `grow=None` means static sparsity: masks never change after init.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        distribution: str = "erk",
+        prune: str = "magnitude",
+        grow: str | None = None,
+        prune_rate: float = 0.5,
+        update_interval: int = 100,
+        schedule: str = "constant",
+        end_step: int | None = None,
+        seed: int = 0,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+    ) -> None:
+        self.weights: list[PrunableWeight] = find_prunable(model, include, exclude)
+        self.prune = criteria.get(criteria.PRUNE_CRITERIA, prune, "method.prune")
+        self.grow = criteria.get(criteria.GROW_CRITERIA, grow, "method.grow") if grow else None
+        self.schedule = UpdateSchedule(update_interval, prune_rate, schedule, end_step)
+        self.seed = seed
+        self.sparsity = sparsity
+        self.target_counts = layer_counts([tuple(w.param.shape) for w in self.weights], sparsity, distribution)
+        generator = update_generator(seed, INIT_UPDATE_INDEX)
+        masks = [random_mask(w.param.shape, c, generator) for w, c in zip(self.weights, self.target_counts, strict=True)]
+        register_masks(self.weights, masks)
+        self.step = 0
+        self.num_updates = 0
+        self.ever_active: list[Tensor] = [m.clone() for m in masks]
+        self._dense_grads: list[Tensor | None] | None = None
+
+    @property
+    def dynamic(self) -> bool:
+        return self.grow is not None
+
+    def update_due(self, step: int) -> bool:
+        return self.dynamic and self.schedule.is_update_step(step)
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Call when gradients are final (unscaled, accumulated) and before clipping/step. At an
+        update step the dense gradient is kept first, for gradient-based growth."""
+        if self.grow is not None and self.grow.needs_grad and self.update_due(self.step + 1):
+            self._dense_grads = [None if w.param.grad is None else w.param.grad.detach().clone() for w in self.weights]
+        mask_gradients(self.weights)
+
+    @torch.no_grad()
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> UpdateReport | None:
+        """Call right after `optimizer.step()`. Re-masks weights; on update steps explores and
+        resets the optimizer state of every changed position."""
+        self.step += 1
+        apply_masks(self.weights)
+        if not self.update_due(self.step):
+            return None
+        assert self.grow is not None
+        if self.grow.needs_grad and self._dense_grads is None:
+            raise RuntimeError("gradient growth needs before_step() to run before the optimizer step")
+        drop = self.schedule.drop_fraction(self.step)
+        generator = update_generator(self.seed, self.num_updates)
+        updates, changed = explore(self.weights, drop, self.prune, self.grow, generator, self._dense_grads)
+        self._dense_grads = None
+        if optimizer is not None:
+            reset_optimizer_state(optimizer, self.weights, changed)
+        for seen, weight in zip(self.ever_active, self.weights, strict=True):
+            seen |= weight.mask.to(seen.device)
+        self.num_updates += 1
+        return UpdateReport(self.step, self.num_updates - 1, drop, updates, self.exploration_rate())
+
+    def exploration_rate(self) -> float:
+        """Fraction of prunable weights that were active at any point so far."""
+        total = sum(m.numel() for m in self.ever_active)
+        return float(sum(int(m.sum()) for m in self.ever_active)) / total
+
+    def layer_stats(self) -> list[dict]:
+        """Per layer: active connections from the mask (`nnz`), its target, and nonzero values."""
+        return [
+            {
+                "name": w.name,
+                "shape": list(w.param.shape),
+                "numel": w.param.numel(),
+                "nnz": int(w.mask.sum()),
+                "target_nnz": target,
+                "nonzero": int(torch.count_nonzero(w.param.detach())),
+                "density": int(w.mask.sum()) / w.param.numel(),
+            }
+            for w, target in zip(self.weights, self.target_counts, strict=True)
+        ]
+
+    def state_dict(self) -> dict:
+        """Counters and the exploration history; masks themselves live in the model's state_dict."""
+        return {
+            "step": self.step,
+            "num_updates": self.num_updates,
+            "ever_active": [m.cpu() for m in self.ever_active],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.num_updates = int(state["num_updates"])
+        self.ever_active = [m.clone().to(torch.bool) for m in state["ever_active"]]
+
+    def describe(self) -> dict:
+        return {"sparsity": self.sparsity, "seed": self.seed, **asdict(self.schedule)}

@@ -1,0 +1,79 @@
+"""One exploration step: magnitude prune, grow, and reset optimizer state where masks changed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sparse_dm.sparsity.criteria import Criterion, top_k_mask
+from sparse_dm.sparsity.masks import PrunableWeight, apply_masks
+
+
+@dataclass(frozen=True)
+class LayerUpdate:
+    name: str
+    pruned: int
+    grown: int
+
+
+def update_generator(seed: int, update_index: int) -> torch.Generator:
+    """A CPU generator seeded by (seed, update index): every data-parallel rank (and a resumed run)
+    draws the same growth positions without any communication."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + update_index)
+
+
+@torch.no_grad()
+def explore(
+    weights: Sequence[PrunableWeight],
+    drop_fraction: float,
+    prune: Criterion,
+    grow: Criterion,
+    generator: torch.Generator,
+    dense_grads: Sequence[Tensor | None] | None = None,
+) -> tuple[list[LayerUpdate], list[Tensor]]:
+    """Replace floor(drop_fraction * active) weights per layer; returns per-layer counts and the
+    bool masks of changed positions (pruned or grown).
+
+    Growth candidates are the positions inactive before this update, so pruned and grown sets are
+    disjoint and every update really explores. Grown weights are set to 0 (RigL convention).
+    Fully dense layers (ERK-capped) have nothing to explore and are left alone.
+    """
+    grads = list(dense_grads) if dense_grads is not None else [None] * len(weights)
+    updates: list[LayerUpdate] = []
+    changed: list[Tensor] = []
+    for weight, grad in zip(weights, grads, strict=True):
+        mask = weight.mask
+        active = int(mask.sum())
+        inactive = mask.numel() - active
+        k = min(math.floor(drop_fraction * active), inactive)
+        keep_scores = prune.score(weight.param, grad, mask, generator)
+        keep = top_k_mask(keep_scores, mask, active - k)
+        grow_scores = grow.score(weight.param, grad, mask, generator)
+        grown = top_k_mask(grow_scores, ~mask, k)
+        new_mask = keep | grown
+        changed.append(new_mask ^ mask)
+        weight.param.data.masked_fill_(grown, 0.0)
+        weight.set_mask(new_mask)
+        updates.append(LayerUpdate(weight.name, pruned=active - int(keep.sum()), grown=int(grown.sum())))
+    apply_masks(weights)
+    return updates, changed
+
+
+@torch.no_grad()
+def reset_optimizer_state(
+    optimizer: torch.optim.Optimizer, weights: Sequence[PrunableWeight], changed: Sequence[Tensor]
+) -> None:
+    """Zero every per-element optimizer state (Adam's exp_avg, exp_avg_sq, max_exp_avg_sq, momentum
+    buffers, ...) at pruned and regrown positions, so stale moments neither revive pruned weights nor
+    push freshly grown ones."""
+    for weight, positions in zip(weights, changed, strict=True):
+        state = optimizer.state.get(weight.param)
+        if not state:
+            continue
+        for value in state.values():
+            if torch.is_tensor(value) and value.shape == positions.shape:
+                value.masked_fill_(positions, 0)

@@ -1,0 +1,72 @@
+"""summary.json: one machine-readable record per run, the same keys for every model family."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from sparse_dm.sparsity.engine import SparseEngine
+from sparse_dm.sparsity.masks import find_prunable
+
+
+def _to_float(value: Any) -> float:
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+def layer_records(net: torch.nn.Module, engine: SparseEngine | None) -> list[dict]:
+    """Final per-layer counts: nnz from the masks, nonzero from the values (dense runs: all active)."""
+    if engine is not None:
+        return [{k: s[k] for k in ("name", "numel", "nnz", "target_nnz", "nonzero")} for s in engine.layer_stats()]
+    return [
+        {
+            "name": w.name,
+            "numel": w.param.numel(),
+            "nnz": w.param.numel(),
+            "target_nnz": w.param.numel(),
+            "nonzero": int(torch.count_nonzero(w.param.detach())),
+        }
+        for w in find_prunable(net)
+    ]
+
+
+def build_summary(
+    cfg: DictConfig,
+    cost: dict,
+    net: torch.nn.Module,
+    engine: SparseEngine | None,
+    metrics: dict[str, Any],
+    samples: list[str],
+    checkpoints: list[str],
+    wall_time_s: float,
+) -> dict:
+    finite = {k: _to_float(v) for k, v in metrics.items()}
+    summary = {
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "method": cfg.method.name,
+        "sparsity": float(cfg.sparsity),
+        "prune_rate": float(cfg.prune_rate),
+        "update_interval": int(cfg.update_interval),
+        "seed": int(cfg.seed),
+        **{k: v for k, v in cost.items() if k != "layers"},
+        "layers": layer_records(net, engine),
+        "mask_updates": engine.num_updates if engine else 0,
+        "exploration_rate": engine.exploration_rate() if engine else 1.0,
+        "metrics": {k: (v if math.isfinite(v) else None) for k, v in finite.items()},
+        "samples": samples,
+        "checkpoints": checkpoints,
+        "wall_time_s": wall_time_s,
+    }
+    return summary
+
+
+def write_summary(path: Path, summary: dict) -> Path:
+    """Write (or merge into) summary.json; later writers such as evaluate add keys."""
+    existing = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**existing, **summary}, indent=2))
+    return path

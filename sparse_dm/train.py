@@ -1,0 +1,111 @@
+"""`python -m sparse_dm.train [overrides]`: one sparse (or dense) diffusion training run.
+
+config -> datamodule + LightningModule -> SparseEngine masks on module.net -> callbacks, loggers,
+Trainer -> fit -> summary.json (+ samples, checkpoints, CSV/W&B logs) in the run's output dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sparse_dm import config
+from sparse_dm.cost import compute_cost
+from sparse_dm.lightning.diffusion_module import DiffusionModule
+from sparse_dm.lightning.dst_callback import DSTCallback
+from sparse_dm.lightning.wandb_logging import build_loggers
+from sparse_dm.sparsity.engine import SparseEngine
+from sparse_dm.summary import build_summary, write_summary
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(cfg: DictConfig, net: torch.nn.Module) -> SparseEngine | None:
+    """Masks for the configured method on `net` (None for dense)."""
+    if cfg.method.name == "dense":
+        return None
+    return SparseEngine(
+        net,
+        sparsity=float(cfg.sparsity),
+        distribution=cfg.method.distribution,
+        prune=cfg.method.prune,
+        grow=cfg.method.grow,
+        prune_rate=float(cfg.prune_rate),
+        update_interval=int(cfg.update_interval),
+        schedule=cfg.method.schedule,
+        end_step=cfg.method.end_step,
+        seed=int(cfg.seed),
+        include=cfg.method.include,
+        exclude=list(cfg.method.exclude),
+    )
+
+
+def build_run(cfg: DictConfig) -> tuple[DiffusionModule, L.LightningDataModule, SparseEngine | None]:
+    """Datamodule, module and (for sparse methods) the engine with masks attached to module.net.
+
+    Used by training and by evaluation (which then loads a checkpoint into the returned module).
+    """
+    config.validate(cfg)
+    L.seed_everything(int(cfg.seed), workers=True)
+    datamodule = instantiate(cfg.dataset)
+    module: DiffusionModule = instantiate(cfg.model)
+    engine = build_engine(cfg, module.net)
+    module.ema.remask(module.net)
+    return module, datamodule, engine
+
+
+def _metrics(trainer: L.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train one run and return its summary (also written to <output_dir>/summary.json)."""
+    start = time.perf_counter()
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    module, datamodule, engine = build_run(cfg)
+    module.output_dir = output_dir
+    cost = compute_cost(cfg)
+    callbacks: list[L.Callback] = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    if engine is not None:
+        callbacks.append(DSTCallback(engine))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, output_dir), default_root_dir=str(output_dir)
+    )
+    metrics: dict[str, float] = {}
+    if cfg.validate_before_fit and cfg.ckpt_path is None:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics["val/loss_initial"] = _metrics(trainer)["val/loss"]
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if module.last_validated_step != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        module.write_samples()
+    metrics.update(_metrics(trainer))
+    checkpoints = sorted(str(p) for p in (output_dir / "checkpoints").glob("*.ckpt"))
+    summary = build_summary(
+        cfg, cost, module.net, engine, metrics, module.sample_paths, checkpoints, time.perf_counter() - start
+    )
+    path = write_summary(output_dir / "summary.json", summary)
+    log.info("val/loss %s -> %s; summary: %s", metrics.get("val/loss_initial"), metrics.get("val/loss"), path)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    summary = run(cfg)
+    return summary["metrics"].get("val/loss")
+
+
+if __name__ == "__main__":
+    main()

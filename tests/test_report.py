@@ -1,0 +1,126 @@
+"""sparse_dm.report on synthetic summaries: Table 1/2 layout, marks, CSV and a real plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sparse_dm.report import main, make_report
+
+PARAMS, PRUNABLE = 416_859, 413_304
+FLOPS_TRAIN, FLOPS_TEST = 1.8e13, 7.35e9
+# mean FID per (method, S); seeds add -0.5 / +0.5 so the SD over 2 seeds is 0.71
+FID = {
+    ("static", 0.5): 22.0,
+    ("static", 0.9): 30.0,
+    ("rigl", 0.5): 20.0,
+    ("rigl", 0.9): 28.0,
+    ("magran", 0.5): 21.5,
+    ("magran", 0.9): 29.0,
+    ("dense", 0.0): 21.0,
+}
+SEED_OFFSET = {0: -0.5, 1: 0.5}
+
+
+def summary(method: str, sparsity: float, seed: int, fid: float | None, val_loss: float) -> dict:
+    density = 1.0 - sparsity
+    s = {
+        "model": "chirodiff",
+        "dataset": "kanjivg",
+        "method": method,
+        "sparsity": sparsity,
+        "prune_rate": 0.5,
+        "update_interval": 800,
+        "seed": seed,
+        "params_total": PARAMS,
+        "params_prunable": PRUNABLE,
+        "params_active": round(PRUNABLE * density),
+        "flops_forward_dense": FLOPS_TEST / 50,
+        "flops_forward": FLOPS_TEST / 50 * density,
+        "flops_test_per_sample": FLOPS_TEST * density,
+        "flops_test_per_sample_dense": FLOPS_TEST,
+        "flops_train": FLOPS_TRAIN * density,
+        "flops_train_dense": FLOPS_TRAIN,
+        "flops_train_ratio": density,
+        "flops_test_ratio": density,
+        "layers": [],
+        "mask_updates": 3,
+        "exploration_rate": density,
+        "metrics": {"val/loss": val_loss, "train/loss": val_loss},
+        "samples": [],
+        "checkpoints": [],
+        "wall_time_s": 1.0,
+    }
+    if fid is not None:
+        s.update(fid=fid, kid_mean=0.01, kid_std=0.001, num_samples=100, sampling_steps=50)
+    return s
+
+
+def write_runs(root: Path, with_fid: bool = True, with_dense: bool = True) -> None:
+    for (method, sparsity), fid in FID.items():
+        if method == "dense" and not with_dense:
+            continue
+        for seed, off in SEED_OFFSET.items():
+            run = root / f"method={method},sparsity={sparsity},seed={seed}"
+            run.mkdir(parents=True)
+            s = summary(method, sparsity, seed, fid + off if with_fid else None, (fid + off) / 100)
+            (run / "summary.json").write_text(json.dumps(s))
+
+
+def assert_real_png(path: Path) -> None:
+    assert path.stat().st_size > 10_000
+    with Image.open(path) as im:
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50  # lines, bands and text, not a blank canvas
+
+
+def test_report_table_marks_csv_and_plot(tmp_path):
+    write_runs(tmp_path / "runs")
+    report = make_report([tmp_path / "runs"], tmp_path / "out")
+    text = report.read_text()
+    assert "FID ± SD" in text
+    assert "| Dense | 21.00 ± 0.71 | 0,1 | 416,859 | 1.80e+13 | 7.35e+09 |" in text
+    # RigL S=0.5 beats dense (bold) and is the top sparse model (underlined)
+    assert "| RigL-DM, S = 0.5 | **<u>20.00 ± 0.71</u>** | 0,1 | 0.50 | 0.50 | 0.50 |" in text
+    # Static S=0.5 is its method's best but does not beat dense: no marks
+    assert "| Static-DM, S = 0.5 | 22.00 ± 0.71 |" in text
+    assert "MagRan-DM, S = 0.9 | 29.00 ± 0.71" in text  # full grid lists every S
+    plots = list((tmp_path / "out" / "plots").glob("*.png"))
+    assert len(plots) == 1 and plots[0].name in text
+    assert_real_png(plots[0])
+    rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    assert len(rows) == 7
+    top = [r for r in rows if r["top_sparse"] == "True"]
+    assert [(r["method"], float(r["sparsity"])) for r in top] == [("rigl", 0.5)]
+
+
+def test_fid_preferred_over_val_loss_and_fallback(tmp_path):
+    write_runs(tmp_path / "fid")
+    assert "FID ± SD" in make_report([tmp_path / "fid"], tmp_path / "a").read_text()
+    write_runs(tmp_path / "loss", with_fid=False)
+    text = make_report([tmp_path / "loss"], tmp_path / "b").read_text()
+    assert "validation loss ± SD" in text and "0.2000 ± 0.0071" in text
+
+
+def test_missing_dense_is_reported_and_plot_still_made(tmp_path):
+    write_runs(tmp_path / "runs", with_dense=False)
+    text = make_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    assert "Dense baseline missing" in text and "| Dense | missing |" in text
+    assert "**" not in text.split("Metric:")[1].split("\n", 1)[1]  # nothing marked as beating dense
+    assert_real_png(next((tmp_path / "out" / "plots").glob("*.png")))
+
+
+def test_cli_no_summaries(tmp_path, capsys):
+    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    assert "no summary.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("metric", ["fid", "val_loss"])
+def test_cli_metric_flag(tmp_path, metric):
+    write_runs(tmp_path / "runs")
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--metric", metric]) == 0
+    assert (tmp_path / "out" / "report.md").exists()

@@ -1,0 +1,109 @@
+"""Sweep configs in multirun_sweeps/: each composes with Hydra and expands to the paper's grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from sparse_dm import config
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEPS = REPO / "multirun_sweeps"
+# --config-dir multirun_sweeps on the command line == this search-path entry for compose()
+SEARCH = f"hydra.searchpath=[file://{REPO / 'conf'}]"
+S_GRID = {0.1, 0.25, 0.5, 0.75, 0.9}
+SEEDS = {0, 1, 2}
+EXPECTED = {  # file -> (jobs, methods, sparsities, prune rates, seeds, Te of the default experiment)
+    "fig2_latent_diffusion": (45, {"static", "rigl", "magran"}, S_GRID, {0.5}, SEEDS, 1100),
+    "fig3_chirodiff": (45, {"static", "rigl", "magran"}, S_GRID, {0.5}, SEEDS, 800),
+    "fig9_latent_diffusion_p005": (30, {"rigl", "magran"}, S_GRID, {0.05}, SEEDS, 1100),
+    "fig10_chirodiff_p005": (30, {"rigl", "magran"}, S_GRID, {0.05}, SEEDS, 800),
+    "dense_latent_diffusion": (3, {"dense"}, {0.0}, None, SEEDS, 1100),
+    "dense_chirodiff": (3, {"dense"}, {0.0}, None, SEEDS, 800),
+    "appendix_h_prune_rate": (15, {"rigl"}, {0.25}, {0.05, 0.1, 0.2, 0.3, 0.5}, SEEDS, 1100),
+    "demo_cpu_kanjivg": (12, {"static", "rigl", "magran"}, {0.5, 0.9}, {0.5}, {0, 1}, 4),
+}
+
+
+@pytest.fixture(scope="module")
+def hydra_ctx():
+    with initialize_config_dir(version_base="1.3", config_dir=str(SWEEPS)):
+        yield
+
+
+def expand(name: str, extra: list[str] | None = None) -> tuple[DictConfig, list[list[str]]]:
+    """The sweep's hydra node and the job override lists Hydra's basic sweeper would launch."""
+    cfg = compose(name, overrides=[SEARCH], return_hydra_config=True)
+    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()] + (extra or [])
+    return cfg.hydra, BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)[0]
+
+
+def values(jobs: list[list[str]], key: str) -> set[str]:
+    return {o.split("=", 1)[1] for j in jobs for o in j if o.split("=", 1)[0] == key}
+
+
+EVAL_SWEEPS = {"table8_ddim_steps"}  # sweeps of sparse_dm.evaluate, not of training
+
+
+def test_every_sweep_file_is_covered():
+    assert {p.stem for p in SWEEPS.glob("*.yaml")} == set(EXPECTED) | EVAL_SWEEPS
+
+
+def test_table8_sweeps_ddim_steps_per_checkpoint(hydra_ctx):
+    import sparse_dm.evaluate  # noqa: F401  (registers the `evaluate` config)
+
+    hydra_cfg, jobs = expand("table8_ddim_steps", ["ckpt_path=a.ckpt,b.ckpt"])
+    assert len(jobs) == 6 and values(jobs, "sampling_steps") == {"50", "100", "200"}
+    cfg = compose("table8_ddim_steps", overrides=[SEARCH, *jobs[0]])
+    assert cfg.num_samples == 10000 and cfg.fidelity.feature_extractor == "inception-v3-compat"
+    assert "multirun/table8_ddim_steps/" in hydra_cfg.sweep.dir
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_grid(hydra_ctx, name):
+    count, methods, sparsities, rates, seeds, te = EXPECTED[name]
+    hydra_cfg, jobs = expand(name)
+    assert len(jobs) == count
+    assert len({tuple(sorted(j)) for j in jobs}) == count  # no duplicate jobs
+    assert values(jobs, "method") == methods  # dense only in the dense sweeps
+    assert {int(v) for v in values(jobs, "seed")} == seeds
+    if methods == {"dense"}:
+        assert not values(jobs, "sparsity") and not values(jobs, "prune_rate")  # no Dense x S duplicates
+    else:
+        assert {float(v) for v in values(jobs, "sparsity")} == sparsities
+        assert {float(v) for v in values(jobs, "prune_rate") or {"0.5"}} == rates
+    for job in (jobs[0], jobs[-1]):
+        cfg = compose(name, overrides=[SEARCH, *job])
+        config.validate(cfg)
+        assert cfg.update_interval == te  # the experiment preset (or demo value) is applied
+        assert cfg.sparsity in sparsities
+    assert f"multirun/{name}/" in hydra_cfg.sweep.dir
+    # one folder per job, named by its overrides (conf/hydra/default.yaml)
+    assert OmegaConf.to_container(hydra_cfg.sweep)["subdir"] == "${hydra:job.override_dirname}"
+
+
+def test_command_line_replaces_grid_values(hydra_ctx):
+    _, jobs = expand("fig3_chirodiff", ["experiment=chirodiff_vmnist", "seed=0"])
+    assert len(jobs) == 15 and all("experiment=chirodiff_vmnist" in j and "seed=0" in j for j in jobs)
+
+
+def test_launchers_compose(hydra_ctx, monkeypatch):
+    monkeypatch.delenv("SLURM_PARTITION", raising=False)
+    local = compose(
+        "demo_cpu_kanjivg", overrides=[SEARCH, "hydra/launcher=local_parallel"], return_hydra_config=True
+    ).hydra.launcher
+    assert local._target_.endswith("JoblibLauncher") and local.n_jobs == 2
+    monkeypatch.setenv("SLURM_PARTITION", "gpu-a100")
+    slurm = compose(
+        "fig2_latent_diffusion",
+        overrides=[SEARCH, "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4"],
+        return_hydra_config=True,
+    ).hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher")
+    assert (slurm.partition, slurm.gpus_per_node, slurm.tasks_per_node) == ("gpu-a100", 4, 1)
+    assert slurm.account is None and slurm.timeout_min > 0
