@@ -22,7 +22,9 @@ def _get(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, throw_on_missing=True)
 
 
-def _check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], allowed: str, optional: bool = False) -> None:
+def _check(
+    cfg: DictConfig, key: str, ok: Callable[[Any], bool], allowed: str, optional: bool = False
+) -> None:
     value = _get(cfg, key)
     if value is None and optional:
         return
@@ -47,9 +49,13 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "method.name", lambda v: v in METHODS, f"one of {METHODS}")
     _check(cfg, "sparsity", lambda v: _is_number(v) and 0.0 <= v < 1.0, "a number in [0, 1)")
     if cfg.method.name == "dense" and cfg.sparsity != 0:
-        raise ConfigError(f"invalid config: sparsity={cfg.sparsity} with method=dense; allowed: 0 (use static/rigl/magran)")
+        raise ConfigError(
+            f"invalid config: sparsity={cfg.sparsity} with method=dense; allowed: 0 (use static/rigl/magran)"
+        )
     if cfg.method.name != "dense" and cfg.sparsity == 0:
-        raise ConfigError(f"invalid config: sparsity=0 with method={cfg.method.name}; allowed: (0, 1) or method=dense")
+        raise ConfigError(
+            f"invalid config: sparsity=0 with method={cfg.method.name}; allowed: (0, 1) or method=dense"
+        )
     _check(cfg, "prune_rate", lambda v: _is_number(v) and 0.0 < v <= 1.0, "a number in (0, 1]")
     _check(cfg, "update_interval", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     _check(cfg, "seed", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
@@ -59,18 +65,29 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "method.schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES}")
     _check(cfg, "method.end_step", lambda v: _is_int(v) and v >= 1, "null or an integer >= 1", optional=True)
     _check(cfg, "dataset.batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-    _check(cfg, "dataset.num_train", lambda v: _is_int(v) and v >= 1, "null or an integer >= 1", optional=True)
+    _check(
+        cfg, "dataset.num_train", lambda v: _is_int(v) and v >= 1, "null or an integer >= 1", optional=True
+    )
     _check(cfg, "model.optimizer.lr", lambda v: _is_number(v) and v > 0, "a number > 0")
     _check(cfg, "model.optimizer.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0")
     _check(cfg, "model.ema.decay", lambda v: _is_number(v) and 0.0 <= v < 1.0, "a number in [0, 1)")
     steps = _get(cfg, "model.diffusion.num_timesteps")
     _check(cfg, "model.diffusion.num_timesteps", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-    _check(cfg, "model.sampling.steps", lambda v: _is_int(v) and 1 <= v <= steps, f"an integer in [1, {steps}]")
+    _check(
+        cfg, "model.sampling.steps", lambda v: _is_int(v) and 1 <= v <= steps, f"an integer in [1, {steps}]"
+    )
     _check(cfg, "model.sampling.sampler", lambda v: v in ("ddim", "ddpm"), "ddim or ddpm")
     _check(cfg, "model.sampling.num_samples", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     _check(cfg, "cost.convention", lambda v: v in ("paper", "per_sample"), "paper or per_sample")
     _check(cfg, "trainer.max_steps", lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 or an integer >= 1")
-    _check(cfg, "trainer.max_epochs", lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 or an integer >= 1",
-           optional=True)
+    _check(
+        cfg,
+        "trainer.max_epochs",
+        lambda v: _is_int(v) and (v == -1 or v >= 1),
+        "-1 or an integer >= 1",
+        optional=True,
+    )
     if cfg.trainer.max_steps == -1 and (cfg.trainer.get("max_epochs") in (None, -1)):
-        raise ConfigError("invalid config: trainer.max_steps=-1 and trainer.max_epochs unset; set one of them")
+        raise ConfigError(
+            "invalid config: trainer.max_steps=-1 and trainer.max_epochs unset; set one of them"
+        )

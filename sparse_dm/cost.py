@@ -53,13 +53,10 @@ def train_steps(cfg: DictConfig) -> int:
 def compute_cost(cfg: DictConfig) -> dict:
     """All cost figures of a config, computed on the meta device."""
     with torch.device("meta"):
-        module = instantiate(cfg.model)
+        module = instantiate(cfg.model, _convert_="all")
     net = module.net
     uses = measure_weight_uses(net, module.example_net_inputs(1))
-    if cfg.method.name == "dense":
-        active = {w.name: w.numel for w in uses}
-    else:
-        active = active_counts(cfg, net)
+    active = {w.name: w.numel for w in uses} if cfg.method.name == "dense" else active_counts(cfg, net)
     grow = cfg.method.grow
     dense_grads = grow is not None and criteria.get(criteria.GROW_CRITERIA, grow, "method.grow").needs_grad
     return cost_summary(
@@ -85,8 +82,12 @@ def format_table(cost: dict) -> str:
     for key in ("params_total", "params_prunable", "params_active"):
         lines.append(f"{key:<30} {cost[key]:>16,}")
     for key in (
-        "flops_forward_dense", "flops_forward", "flops_test_per_sample_dense", "flops_test_per_sample",
-        "flops_train_dense", "flops_train",
+        "flops_forward_dense",
+        "flops_forward",
+        "flops_test_per_sample_dense",
+        "flops_test_per_sample",
+        "flops_train_dense",
+        "flops_train",
     ):
         lines.append(f"{key:<30} {cost[key]:>16.4e}")
     for key in ("flops_train_ratio", "flops_test_ratio"):

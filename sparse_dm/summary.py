@@ -21,7 +21,9 @@ def _to_float(value: Any) -> float:
 def layer_records(net: torch.nn.Module, engine: SparseEngine | None) -> list[dict]:
     """Final per-layer counts: nnz from the masks, nonzero from the values (dense runs: all active)."""
     if engine is not None:
-        return [{k: s[k] for k in ("name", "numel", "nnz", "target_nnz", "nonzero")} for s in engine.layer_stats()]
+        return [
+            {k: s[k] for k in ("name", "numel", "nnz", "target_nnz", "nonzero")} for s in engine.layer_stats()
+        ]
     return [
         {
             "name": w.name,

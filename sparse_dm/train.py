@@ -21,7 +21,8 @@ from sparse_dm import config
 from sparse_dm.cost import compute_cost
 from sparse_dm.lightning.diffusion_module import DiffusionModule
 from sparse_dm.lightning.dst_callback import DSTCallback
-from sparse_dm.lightning.wandb_logging import build_loggers
+from sparse_dm.lightning.rng_state import RNGStateCallback
+from sparse_dm.lightning.wandb_logging import build_loggers, finish_loggers
 from sparse_dm.sparsity.engine import SparseEngine
 from sparse_dm.summary import build_summary, write_summary
 
@@ -55,8 +56,9 @@ def build_run(cfg: DictConfig) -> tuple[DiffusionModule, L.LightningDataModule, 
     """
     config.validate(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
-    datamodule = instantiate(cfg.dataset)
-    module: DiffusionModule = instantiate(cfg.model)
+    # Plain containers (not DictConfig) so checkpoints load with torch.load(weights_only=True).
+    datamodule = instantiate(cfg.dataset, _convert_="all")
+    module: DiffusionModule = instantiate(cfg.model, _convert_="all")
     engine = build_engine(cfg, module.net)
     module.ema.remask(module.net)
     return module, datamodule, engine
@@ -78,25 +80,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module.output_dir = output_dir
     cost = compute_cost(cfg)
     callbacks: list[L.Callback] = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks.append(RNGStateCallback())
     if engine is not None:
         callbacks.append(DSTCallback(engine))
+    loggers = build_loggers(cfg, output_dir)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, output_dir), default_root_dir=str(output_dir)
+        cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(output_dir)
     )
     metrics: dict[str, float] = {}
-    if cfg.validate_before_fit and cfg.ckpt_path is None:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-        metrics["val/loss_initial"] = _metrics(trainer)["val/loss"]
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    if module.last_validated_step != trainer.global_step:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-        module.write_samples()
+    try:
+        if cfg.validate_before_fit and cfg.ckpt_path is None:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+            metrics["val/loss_initial"] = _metrics(trainer)["val/loss"]
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        if module.last_validated_step != trainer.global_step:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+            module.write_samples()
+    except BaseException:
+        finish_loggers(loggers, "failed")
+        raise
     metrics.update(_metrics(trainer))
     checkpoints = sorted(str(p) for p in (output_dir / "checkpoints").glob("*.ckpt"))
     summary = build_summary(
         cfg, cost, module.net, engine, metrics, module.sample_paths, checkpoints, time.perf_counter() - start
     )
     path = write_summary(output_dir / "summary.json", summary)
+    finish_loggers(loggers)
     log.info("val/loss %s -> %s; summary: %s", metrics.get("val/loss_initial"), metrics.get("val/loss"), path)
     return summary
 

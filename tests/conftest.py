@@ -5,6 +5,6 @@ import os
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(2)

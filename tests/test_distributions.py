@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 from sparse_dm.sparsity.distributions import layer_counts, layer_densities
 
 shapes_2d = st.tuples(st.integers(1, 64), st.integers(1, 64))
-shapes_4d = st.tuples(st.integers(1, 32), st.integers(1, 32), st.sampled_from([1, 3]), st.sampled_from([1, 3]))
+shapes_4d = st.tuples(
+    st.integers(1, 32), st.integers(1, 32), st.sampled_from([1, 3]), st.sampled_from([1, 3])
+)
 shape_lists = st.lists(st.one_of(shapes_2d, shapes_4d), min_size=1, max_size=8)
 sparsities = st.floats(0.0, 0.99)
 
@@ -29,7 +31,9 @@ def test_densities_hit_target_and_never_exceed_one(shapes, sparsity, kind):
     densities = layer_densities(shapes, sparsity, kind)
     numels = [math.prod(s) for s in shapes]
     assert max(densities) <= 1.0 + 1e-12
-    assert sum(d * n for d, n in zip(densities, numels, strict=True)) == pytest.approx((1 - sparsity) * sum(numels))
+    assert sum(d * n for d, n in zip(densities, numels, strict=True)) == pytest.approx(
+        (1 - sparsity) * sum(numels)
+    )
 
 
 def test_erk_caps_small_layers_dense_and_rescales_the_rest():

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from sparse_nets import SmallConvNet, SmallGRUNet
 from torch import nn
 
 from sparse_dm.sparsity import SparseEngine
 from sparse_dm.sparsity.criteria import top_k_mask
-from sparse_nets import SmallConvNet, SmallGRUNet
 
 STEPS = 200
 INTERVAL = 10
@@ -20,7 +20,9 @@ GROW = {"rigl": "gradient", "magran": "random", "static": None}
 def make(net_cls, method: str, sparsity: float = 0.7, seed: int = 0):
     torch.manual_seed(seed)
     net = net_cls()
-    engine = SparseEngine(net, sparsity, grow=GROW[method], prune_rate=0.3, update_interval=INTERVAL, seed=seed)
+    engine = SparseEngine(
+        net, sparsity, grow=GROW[method], prune_rate=0.3, update_interval=INTERVAL, seed=seed
+    )
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-2)
     return net, engine, optimizer
 
@@ -102,7 +104,9 @@ def test_masks_survive_state_dict_round_trip():
     state = net.state_dict()
     assert "conv1.weight_mask" in state and state["conv1.weight_mask"].dtype == torch.bool
     fresh, fresh_engine, _ = make(SmallConvNet, "rigl", seed=5)
-    assert not all(torch.equal(a.mask, b.mask) for a, b in zip(engine.weights, fresh_engine.weights, strict=True))
+    assert not all(
+        torch.equal(a.mask, b.mask) for a, b in zip(engine.weights, fresh_engine.weights, strict=True)
+    )
     fresh.load_state_dict(state)
     assert all(torch.equal(a.mask, b.mask) for a, b in zip(engine.weights, fresh_engine.weights, strict=True))
 
@@ -136,7 +140,9 @@ def test_engine_state_round_trip():
 
 def test_rigl_grows_where_the_dense_gradient_is_largest():
     net = nn.Linear(4, 4, bias=False)
-    engine = SparseEngine(net, 0.5, distribution="uniform", grow="gradient", prune_rate=0.25, update_interval=1)
+    engine = SparseEngine(
+        net, 0.5, distribution="uniform", grow="gradient", prune_rate=0.25, update_interval=1
+    )
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
     inactive = ~engine.weights[0].mask
     grad = torch.zeros(4, 4)
@@ -162,7 +168,9 @@ def test_top_k_breaks_ties_by_lowest_index():
 
 def test_cosine_schedule_decays_and_stops():
     net = nn.Linear(8, 8)
-    engine = SparseEngine(net, 0.5, grow="random", prune_rate=0.5, update_interval=2, schedule="cosine", end_step=6)
+    engine = SparseEngine(
+        net, 0.5, grow="random", prune_rate=0.5, update_interval=2, schedule="cosine", end_step=6
+    )
     assert engine.schedule.drop_fraction(0) == pytest.approx(0.5)
     assert engine.schedule.drop_fraction(3) == pytest.approx(0.25)
     assert [s for s in range(10) if engine.update_due(s)] == [2, 4]

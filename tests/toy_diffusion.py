@@ -10,7 +10,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sparse_dm.data.loader import ResumableDataLoader
-
 from sparse_dm.lightning.diffusion_module import DiffusionBatch, DiffusionModule
 
 MODULE_KWARGS = {
@@ -53,7 +52,9 @@ class ToyModule(DiffusionModule):
 
     def example_net_inputs(self, batch_size: int = 1) -> tuple:
         device = next(self.net.parameters()).device
-        return torch.zeros(batch_size, 2, device=device), torch.zeros(batch_size, dtype=torch.long, device=device)
+        return torch.zeros(batch_size, 2, device=device), torch.zeros(
+            batch_size, dtype=torch.long, device=device
+        )
 
 
 def make_module(width: int = 32) -> ToyModule:

@@ -23,7 +23,10 @@ def _timesteps(x: Tensor, value: int) -> Tensor:
 
 
 def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    """Noise drawn on the generator's device (CPU generators give the same samples on any device)."""
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
 @torch.no_grad()

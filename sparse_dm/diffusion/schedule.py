@@ -53,9 +53,10 @@ class NoiseSchedule(nn.Module):
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Draw x_t ~ q(x_t | x_0) with the given noise."""
-        return _gather(self.sqrt_alphas_cumprod, t, x0) * x0 + _gather(
-            self.sqrt_one_minus_alphas_cumprod, t, x0
-        ) * noise
+        return (
+            _gather(self.sqrt_alphas_cumprod, t, x0) * x0
+            + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
     def predict_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Invert q_sample given a noise estimate."""

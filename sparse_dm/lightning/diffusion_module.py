@@ -146,7 +146,7 @@ class DiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def write_samples(self, tag: str | None = None) -> Path | None:
-        """Generate sampling.num_samples with the EMA weights and a fixed seed (rank 0 only); save a PNG grid."""
+        """Sample with the EMA weights and a fixed seed (rank 0 only) and save a PNG grid."""
         if self.output_dir is None or not self.trainer.is_global_zero:
             return None
         generator = torch.Generator().manual_seed(int(self.sampling_cfg["seed"]))

@@ -1,11 +1,11 @@
 """SparseEngine: exact sparse-to-sparse training for any nn.Module and any training loop.
 
-    engine = SparseEngine(model, sparsity=0.5, grow="gradient", update_interval=800)
-    loss.backward()
-    engine.before_step()            # after AMP unscaling, before clipping
-    clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    engine.after_step(optimizer)    # re-mask; every Te steps prune + grow + reset optimizer state
+engine = SparseEngine(model, sparsity=0.5, grow="gradient", update_interval=800)
+loss.backward()
+engine.before_step()            # after AMP unscaling, before clipping
+clip_grad_norm_(model.parameters(), 1.0)
+optimizer.step()
+engine.after_step(optimizer)    # re-mask; every Te steps prune + grow + reset optimizer state
 """
 
 from __future__ import annotations
@@ -71,9 +71,14 @@ class SparseEngine:
         self.schedule = UpdateSchedule(update_interval, prune_rate, schedule, end_step)
         self.seed = seed
         self.sparsity = sparsity
-        self.target_counts = layer_counts([tuple(w.param.shape) for w in self.weights], sparsity, distribution)
+        self.target_counts = layer_counts(
+            [tuple(w.param.shape) for w in self.weights], sparsity, distribution
+        )
         generator = update_generator(seed, INIT_UPDATE_INDEX)
-        masks = [random_mask(w.param.shape, c, generator) for w, c in zip(self.weights, self.target_counts, strict=True)]
+        masks = [
+            random_mask(w.param.shape, c, generator)
+            for w, c in zip(self.weights, self.target_counts, strict=True)
+        ]
         register_masks(self.weights, masks)
         self.step = 0
         self.num_updates = 0
@@ -92,7 +97,9 @@ class SparseEngine:
         """Call when gradients are final (unscaled, accumulated) and before clipping/step. At an
         update step the dense gradient is kept first, for gradient-based growth."""
         if self.grow is not None and self.grow.needs_grad and self.update_due(self.step + 1):
-            self._dense_grads = [None if w.param.grad is None else w.param.grad.detach().clone() for w in self.weights]
+            self._dense_grads = [
+                None if w.param.grad is None else w.param.grad.detach().clone() for w in self.weights
+            ]
         mask_gradients(self.weights)
 
     @torch.no_grad()

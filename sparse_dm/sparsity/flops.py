@@ -68,10 +68,7 @@ def measure_weight_uses(net: nn.Module, example_inputs: tuple) -> list[WeightUse
     finally:
         for handle in handles:
             handle.remove()
-    return [
-        WeightUse(w.name, tuple(w.param.shape), uses.get(id(w.module), 0))
-        for w in find_prunable(net)
-    ]
+    return [WeightUse(w.name, tuple(w.param.shape), uses.get(id(w.module), 0)) for w in find_prunable(net)]
 
 
 def forward_flops(weight_uses: list[WeightUse], active: Mapping[str, int] | None = None) -> float:

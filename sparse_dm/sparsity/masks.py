@@ -65,7 +65,9 @@ def find_prunable(
             kind = "linear" if isinstance(module, nn.Linear) else "conv"
             candidates = [("weight", kind)] if module.weight is not None else []
         elif isinstance(module, RNN_TYPES):
-            candidates = [(n, "recurrent") for n, _ in module.named_parameters(recurse=False) if RNN_WEIGHT.match(n)]
+            candidates = [
+                (n, "recurrent") for n, _ in module.named_parameters(recurse=False) if RNN_WEIGHT.match(n)
+            ]
         else:
             continue
         for attr, kind in candidates:

@@ -1,0 +1,1 @@
+"""Datasets and datamodules: stroke-3 sketches (safe loading) and image folders."""

@@ -1,0 +1,1 @@
+"""Sketch rasteriser, FID/KID, report tables and plots."""

@@ -1,0 +1,1 @@
+"""Pure nn.Module denoisers and autoencoders (no Lightning)."""

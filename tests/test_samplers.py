@@ -1,0 +1,69 @@
+"""DDPM/DDIM samplers and the noise schedules."""
+
+import pytest
+import torch
+
+from sparse_dm.diffusion import NoiseSchedule, ddim_sample, ddpm_sample, masked_mse, sample
+from sparse_dm.diffusion.samplers import ddim_timesteps
+
+
+def eps_fn(x, t):
+    return 0.3 * x + 0.01 * t[:, None].to(x.dtype) / 1000
+
+
+def test_ddim_with_all_steps_and_eta_one_is_ddpm():
+    schedule = NoiseSchedule("linear", 200).double()
+    x_T = torch.randn(3, 4, dtype=torch.float64)
+    a = ddpm_sample(eps_fn, x_T, schedule, torch.Generator().manual_seed(0))
+    b = ddim_sample(eps_fn, x_T, schedule, 200, 1.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_deterministic_ddim_ignores_the_generator_and_stochastic_ones_follow_it():
+    schedule = NoiseSchedule("sqrt_linear", 100, 0.0015, 0.0195)
+    x_T = torch.randn(2, 5)
+    a = ddim_sample(eps_fn, x_T, schedule, 10, 0.0, torch.Generator().manual_seed(0))
+    b = ddim_sample(eps_fn, x_T, schedule, 10, 0.0, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    c = sample(eps_fn, x_T, schedule, "ddpm", generator=torch.Generator().manual_seed(3))
+    d = sample(eps_fn, x_T, schedule, "ddpm", generator=torch.Generator().manual_seed(3))
+    e = sample(eps_fn, x_T, schedule, "ddpm", generator=torch.Generator().manual_seed(4))
+    assert torch.equal(c, d) and not torch.equal(c, e)
+
+
+def test_ddim_timesteps_are_even_descending_and_end_at_zero():
+    assert ddim_timesteps(1000, 4) == [750, 500, 250, 0]
+    assert ddim_timesteps(1000, 1000) == list(range(999, -1, -1))
+    with pytest.raises(ValueError, match=r"sampling\.steps"):
+        ddim_timesteps(100, 101)
+
+
+def test_perfect_eps_recovers_x0_with_ddim():
+    schedule = NoiseSchedule("linear", 100).double()
+    x0 = torch.randn(4, 3, dtype=torch.float64)
+    noise = torch.randn_like(x0)
+    x_T = schedule.q_sample(x0, torch.full((4,), 99), noise)
+
+    def oracle(x, t):  # the exact eps for a single known x0
+        a_bar = schedule.alpha_bar(t, x)
+        return (x - a_bar.sqrt() * x0) / (1 - a_bar).sqrt()
+
+    assert torch.allclose(ddim_sample(oracle, x_T, schedule, 20), x0, atol=1e-8)
+
+
+def test_schedules():
+    ldm = NoiseSchedule("sqrt_linear", 1000, 0.0015, 0.0195)
+    assert ldm.betas[0].item() == pytest.approx(0.0015) and ldm.betas[-1].item() == pytest.approx(0.0195)
+    assert ldm.betas[500].item() == pytest.approx(((0.0015**0.5 + 0.0195**0.5) / 2) ** 2, rel=1e-2)
+    linear = NoiseSchedule("linear", 1000, 1e-4, 2e-2)
+    assert torch.all(linear.alphas_cumprod[1:] < linear.alphas_cumprod[:-1])
+    with pytest.raises(ValueError, match=r"diffusion\.schedule"):
+        NoiseSchedule("cosine")
+    assert not NoiseSchedule().state_dict(), "derived buffers must not be checkpointed"
+
+
+def test_masked_mse_ignores_padding_and_weights_samples_equally():
+    pred, target = torch.zeros(2, 4, 1), torch.ones(2, 4, 1)
+    target[0, 2:] = 100.0  # padding of sample 0
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)[..., None]
+    assert masked_mse(pred, target, mask).item() == pytest.approx(1.0)
