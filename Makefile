@@ -8,7 +8,7 @@ install:  ## create .venv and install sparse_dm with dev extras
 	.venv/bin/pip install -e '.[dev]'
 
 test:  ## the whole suite (CPU, no network)
-	WANDB_MODE=disabled $(PYTHON) -m pytest -q
+	WANDB_MODE=disabled $(PYTHON) -m pytest
 
 lint:
 	$(PYTHON) -m ruff check .
