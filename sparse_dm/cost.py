@@ -8,6 +8,7 @@ figures. Writes cost.json in the run's output dir and prints a table.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -15,12 +16,15 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from sparse_dm import config
 from sparse_dm.sparsity import criteria
 from sparse_dm.sparsity.distributions import layer_counts
 from sparse_dm.sparsity.flops import cost_summary, measure_weight_uses
 from sparse_dm.sparsity.masks import find_prunable
+
+log = logging.getLogger(__name__)
 
 
 def active_counts(cfg: DictConfig, net: torch.nn.Module) -> dict[str, int]:
@@ -30,11 +34,21 @@ def active_counts(cfg: DictConfig, net: torch.nn.Module) -> dict[str, int]:
     return {w.name: c for w, c in zip(weights, counts, strict=True)}
 
 
+class TrainingSetUnknown(RuntimeError):
+    """Epoch-based train FLOPs need the training-set size, and neither config nor data gives it."""
+
+
 def num_train_samples(cfg: DictConfig) -> int:
     """The training-set size: the configured subset size, else counted from the datamodule."""
     if cfg.cost.num_train is not None:
         return int(cfg.cost.num_train)
-    return int(instantiate(cfg.dataset).num_train_samples())
+    try:
+        return int(instantiate(cfg.dataset, _convert_="all").num_train_samples())
+    except (MissingMandatoryValue, FileNotFoundError) as err:
+        raise TrainingSetUnknown(
+            "train FLOPs need the training-set size: set dataset.num_train=N or point the dataset at "
+            f"its data ({err})"
+        ) from err
 
 
 def train_steps(cfg: DictConfig) -> int:
@@ -59,17 +73,26 @@ def compute_cost(cfg: DictConfig) -> dict:
     active = {w.name: w.numel for w in uses} if cfg.method.name == "dense" else active_counts(cfg, net)
     grow = cfg.method.grow
     dense_grads = grow is not None and criteria.get(criteria.GROW_CRITERIA, grow, "method.grow").needs_grad
+    try:
+        steps: int | None = train_steps(cfg)
+    except TrainingSetUnknown as err:
+        log.warning("%s; train FLOPs are reported as null", err)
+        steps = None
     return cost_summary(
         net,
         uses,
         active,
         sampling_steps=int(cfg.model.sampling.steps),
-        train_steps=train_steps(cfg),
+        train_steps=steps,
         batch_size=int(cfg.dataset.batch_size),
         update_interval=int(cfg.update_interval) if dense_grads else None,
         dense_grad_updates=dense_grads,
         convention=cfg.cost.convention,
     )
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return f"{'n/a':>16}" if value is None else f"{value:>16{spec}}"
 
 
 def format_table(cost: dict) -> str:
@@ -89,10 +112,12 @@ def format_table(cost: dict) -> str:
         "flops_train_dense",
         "flops_train",
     ):
-        lines.append(f"{key:<30} {cost[key]:>16.4e}")
+        lines.append(f"{key:<30} {_fmt(cost[key], '.4e')}")
     for key in ("flops_train_ratio", "flops_test_ratio"):
-        lines.append(f"{key:<30} {cost[key]:>16.4f}")
-    lines.append(f"{'train_steps':<30} {cost['train_steps']:>16,}  (convention: {cost['flops_convention']})")
+        lines.append(f"{key:<30} {_fmt(cost[key], '.4f')}")
+    lines.append(
+        f"{'train_steps':<30} {_fmt(cost['train_steps'], ',')}  (convention: {cost['flops_convention']})"
+    )
     return "\n".join(lines)
 
 

@@ -82,7 +82,7 @@ def cost_summary(
     weight_uses: list[WeightUse],
     active: Mapping[str, int],
     sampling_steps: int,
-    train_steps: int,
+    train_steps: int | None,
     batch_size: int,
     update_interval: int | None,
     dense_grad_updates: bool,
@@ -92,6 +92,7 @@ def cost_summary(
 
     train = 3 x forward x steps (paper); RigL adds its dense gradient at each update step:
     (3 f_S Te + 2 f_S + f_D) / (Te + 1) per step. `per_sample` multiplies by the batch (RigL papers).
+    `train_steps=None` (unknown training-set size) leaves the absolute train FLOPs null.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"cost.convention must be one of {CONVENTIONS}, got {convention!r}")
@@ -102,7 +103,7 @@ def cost_summary(
         per_step = (3 * f_sparse * te + 2 * f_sparse + f_dense) / (te + 1)
     else:
         per_step = 3 * f_sparse
-    scale = train_steps * (batch_size if convention == "per_sample" else 1)
+    scale = None if train_steps is None else train_steps * (batch_size if convention == "per_sample" else 1)
     by_name = {w.name: w for w in weight_uses}
     prunable = sum(by_name[name].numel for name in active)
     return {
@@ -113,8 +114,8 @@ def cost_summary(
         "flops_forward": f_sparse,
         "flops_test_per_sample": f_sparse * sampling_steps,
         "flops_test_per_sample_dense": f_dense * sampling_steps,
-        "flops_train": per_step * scale,
-        "flops_train_dense": 3 * f_dense * scale,
+        "flops_train": None if scale is None else per_step * scale,
+        "flops_train_dense": None if scale is None else 3 * f_dense * scale,
         "flops_train_ratio": per_step / (3 * f_dense),
         "flops_test_ratio": f_sparse / f_dense,
         "train_steps": train_steps,
