@@ -64,10 +64,12 @@ def train_steps(cfg: DictConfig) -> int:
     return by_epochs if max_steps == -1 else min(max_steps, by_epochs)
 
 
-def compute_cost(cfg: DictConfig) -> dict:
-    """All cost figures of a config, computed on the meta device."""
-    with torch.device("meta"):
-        module = instantiate(cfg.model, _convert_="all")
+def compute_cost(cfg: DictConfig, module: torch.nn.Module | None = None) -> dict:
+    """All cost figures of a config. Without a built module, the model is built on the meta device
+    (no memory); a training run passes its own module (one batch-1 forward, faster than meta for RNNs)."""
+    if module is None:
+        with torch.device("meta"):
+            module = instantiate(cfg.model, _convert_="all")
     net = module.net
     uses = measure_weight_uses(net, module.example_net_inputs(1))
     active = {w.name: w.numel for w in uses} if cfg.method.name == "dense" else active_counts(cfg, net)

@@ -22,13 +22,10 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from sparse_dm.data.stroke3 import deltas_to_strokes
-from sparse_dm.eval.fidelity import FidelityConfig, compute_fidelity, resolve_weights, to_uint8
-from sparse_dm.eval.rasterise import render_batch
-from sparse_dm.lightning.chirodiff_module import ChiroDiffModule
+from sparse_dm.eval.fidelity import FidelityConfig, compute_fidelity, resolve_weights
+from sparse_dm.eval.images_for_fid import generate_images as sample_images
+from sparse_dm.eval.images_for_fid import reference_images
 from sparse_dm.lightning.diffusion_module import DiffusionModule
 from sparse_dm.summary import write_summary
 from sparse_dm.train import build_run
@@ -39,8 +36,6 @@ RUN_CONFIG = "config.yaml"  # resolved config written by sparse_dm.train into th
 HYDRA_RUN_CONFIG = Path(".hydra") / "config.yaml"
 SUMMARY = "summary.json"
 STEPS_KEY = "fid_by_steps"
-RGB_CHANNELS = 3
-GRID_SAMPLES = 64  # samples drawn into the evaluation's PNG grid
 
 EVALUATE_DEFAULTS = {
     "ckpt_path": "???",
@@ -99,46 +94,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (1 or 3 channels) -> uint8 RGB, what the feature extractor expects."""
-    out = to_uint8(images)
-    return out.expand(-1, RGB_CHANNELS, -1, -1).contiguous() if out.shape[1] == 1 else out
-
-
-def sketches_to_images(module: ChiroDiffModule, deltas: list[torch.Tensor]) -> torch.Tensor:
-    """Delta sequences -> strokes (the module's pen threshold) -> the documented renderer."""
-    threshold = float(module.sampling_cfg["pen_threshold"])
-    return render_batch([deltas_to_strokes(d, threshold) for d in deltas], **module.render_cfg)
-
-
-def reference_images(module: DiffusionModule, datamodule: Any, limit: int | None) -> torch.Tensor:
-    """The training set as uint8 RGB images, rendered / converted exactly like the samples."""
-    datamodule.setup("fit")
-    if isinstance(module, ChiroDiffModule):
-        return sketches_to_images(module, datamodule.datasets["train"].drawings[:limit])
-    chunks, count = [], 0
-    for batch in DataLoader(datamodule.train_set, batch_size=datamodule.batch_size, shuffle=False):
-        chunks.append(to_rgb_uint8(batch["image"]))
-        count += len(chunks[-1])
-        if limit is not None and count >= limit:
-            break
-    return torch.cat(chunks)[:limit]
-
-
 @torch.no_grad()
 def generate_images(module: DiffusionModule, cfg: DictConfig, steps: int, run_dir: Path) -> torch.Tensor:
     """num_samples samples with the EMA weights, as uint8 RGB; a PNG grid of the first ones is kept."""
     generator = torch.Generator().manual_seed(int(cfg.seed))
-    images = []
-    with module.ema_weights():
-        for start in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc=f"sampling ({steps} steps)"):
-            n = min(cfg.batch_size, cfg.num_samples - start)
-            samples = module.generate(n, generator, steps=steps)
-            if start == 0:
-                module.save_samples(samples[:GRID_SAMPLES], run_dir / "samples" / f"eval_steps{steps}.png")
-            is_sketch = isinstance(module, ChiroDiffModule)
-            images.append(sketches_to_images(module, samples) if is_sketch else to_rgb_uint8(samples))
-    return torch.cat(images)
+    grid_path = run_dir / "samples" / f"eval_steps{steps}.png"
+    return sample_images(module, cfg.num_samples, cfg.batch_size, generator, steps, grid_path, progress=True)
 
 
 def merge_results(summary_path: Path, result: dict[str, Any], steps: int, default_steps: int) -> None:

@@ -78,7 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     module, datamodule, engine = build_run(cfg)
     module.output_dir = output_dir
-    cost = compute_cost(cfg)
+    cost = compute_cost(cfg, module)
     callbacks: list[L.Callback] = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks.append(RNGStateCallback())
     if engine is not None:

@@ -19,6 +19,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from sparse_dm.data.loader import ResumableDataLoader
 from sparse_dm.data.stroke3 import load_stroke3_npz, resolve_data_path, stroke3_to_strokes
 from sparse_dm.eval.rasterise import render_strokes
 
@@ -166,9 +167,11 @@ class ImageDataModule(L.LightningDataModule):
         class_folders: bool = False,
         latent_cache_dir: str | None = None,
         name: str = "images",
+        seed: int = 0,
     ):
         super().__init__()
         self.name = name
+        self.seed = seed
         self.root, self.val_root = root, val_root
         self.resolution, self.channels = resolution, channels
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -224,8 +227,9 @@ class ImageDataModule(L.LightningDataModule):
         return len(self.train_set)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        """Order from (seed, epoch) only and checkpointed by Lightning: exact mid-epoch resume."""
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, seed=self.seed,
+                                   num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False,
@@ -267,9 +271,11 @@ class KanjiVGImageDataModule(ImageDataModule):
         num_val: int | None = None,
         subset_seed: int = 0,
         name: str = "kanjivg_images",
+        seed: int = 0,
     ):
         super().__init__(root=None, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
-                         num_train=num_train, num_val=num_val, subset_seed=subset_seed, channels=1, name=name)
+                         num_train=num_train, num_val=num_val, subset_seed=subset_seed, channels=1, name=name,
+                         seed=seed)
         self.path = path
         self.render_size, self.line_width, self.margin = render_size, line_width, margin
 

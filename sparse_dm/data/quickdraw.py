@@ -70,8 +70,9 @@ class QuickDrawDataModule(Stroke3DataModule):
         num_train: int | None = None,
         val_batch_size: int | None = None,
         name: str = "quickdraw",
+        seed: int = 0,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, max_len, scale, num_train, val_batch_size, name)
+        super().__init__(root, batch_size, num_workers, max_len, scale, num_train, val_batch_size, name, seed)
         if not categories:
             raise ValueError("dataset.categories must name at least one QuickDraw category")
         self.root = root

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from sparse_dm.data.loader import ResumableDataLoader
+
 try:  # NumPy >= 2
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # pragma: no cover - NumPy 1.x
@@ -273,9 +275,11 @@ class Stroke3DataModule(L.LightningDataModule):
         num_train: int | None = None,
         val_batch_size: int | None = None,
         name: str = "stroke3",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.name = name
+        self.seed = seed
         self.path = path
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -310,12 +314,12 @@ class Stroke3DataModule(L.LightningDataModule):
         self.setup()
         return self.datasets["valid"].lengths()
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loader(self, split: str, batch_size: int) -> DataLoader:
         self.setup()
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=False,
             num_workers=self.num_workers,
             collate_fn=collate_stroke3,
             persistent_workers=self.num_workers > 0,
@@ -323,10 +327,18 @@ class Stroke3DataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+        """Order from (seed, epoch) only and checkpointed by Lightning: exact mid-epoch resume."""
+        self.setup()
+        return ResumableDataLoader(
+            self.datasets["train"],
+            batch_size=self.batch_size,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            collate_fn=collate_stroke3,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("valid", False, self.val_batch_size)
+        return self._loader("valid", self.val_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.val_batch_size)
+        return self._loader("test", self.val_batch_size)

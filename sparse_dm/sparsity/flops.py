@@ -62,10 +62,13 @@ def measure_weight_uses(net: nn.Module, example_inputs: tuple) -> list[WeightUse
             handles.append(module.register_forward_hook(layer_hook))
         elif isinstance(module, RNN_TYPES):
             handles.append(module.register_forward_pre_hook(rnn_hook))
+    was_training = net.training
+    net.eval()  # no running-statistics updates from the measuring pass
     try:
         with torch.no_grad():
             net(*example_inputs)
     finally:
+        net.train(was_training)
         for handle in handles:
             handle.remove()
     return [WeightUse(w.name, tuple(w.param.shape), uses.get(id(w.module), 0)) for w in find_prunable(net)]
