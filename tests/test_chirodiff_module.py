@@ -156,7 +156,7 @@ def test_conditional_generation_cycles_classes(tmp_path: Path) -> None:
 
 
 def test_short_fit_writes_samples_and_finite_val_loss(tmp_path: Path) -> None:
-    module = tiny_module(["model.validation.max_batches=1"])
+    module = tiny_module()
     module.output_dir = tmp_path
     dm = Stroke3DataModule("kanjivg/kanji.rdp200.npz", batch_size=16, num_train=64, max_len=40)
     trainer = L.Trainer(
