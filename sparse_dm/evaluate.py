@@ -82,19 +82,18 @@ def load_run_config(run_dir: Path) -> DictConfig:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Tensors-only loading when the checkpoint allows it; full unpickling only as a logged fallback."""
+    """Tensors and plain containers only (`weights_only=True`): a checkpoint that needs arbitrary
+    unpickling is refused, since unpickling can run code. sparse_dm's own checkpoints always load."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        log.warning(
-            "%s holds non-tensor objects (%s); loading it fully - only do this for trusted files",
-            path,
-            str(err).splitlines()[0],
-        )
-        return torch.load(path, map_location="cpu", weights_only=False)
+        raise ValueError(
+            f"refusing to load {path}: it pickles objects other than tensors and plain containers "
+            f"({str(err).splitlines()[0]}). If you trust the file, re-save its state_dict with plain "
+            "torch.save and evaluate that."
+        ) from err
 
 
-@torch.no_grad()
 def generate_images(module: DiffusionModule, cfg: DictConfig, steps: int, run_dir: Path) -> torch.Tensor:
     """num_samples samples with the EMA weights, as uint8 RGB; a PNG grid of the first ones is kept."""
     generator = torch.Generator().manual_seed(int(cfg.seed))

@@ -21,6 +21,7 @@ from sparse_dm import config
 from sparse_dm.cost import compute_cost
 from sparse_dm.lightning.diffusion_module import DiffusionModule
 from sparse_dm.lightning.dst_callback import DSTCallback
+from sparse_dm.lightning.fidelity_callback import FidelityCallback
 from sparse_dm.lightning.rng_state import RNGStateCallback
 from sparse_dm.lightning.wandb_logging import build_loggers, finish_loggers
 from sparse_dm.sparsity.engine import SparseEngine
@@ -104,9 +105,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary = build_summary(
         cfg, cost, module.net, engine, metrics, module.sample_paths, checkpoints, time.perf_counter() - start
     )
-    path = write_summary(output_dir / "summary.json", summary)
+    fidelity = next((c for c in callbacks if isinstance(c, FidelityCallback)), None)
+    if fidelity is not None:
+        summary["fid_curve"] = [dict(record) for record in fidelity.history]
+    if trainer.is_global_zero:
+        path = write_summary(output_dir / "summary.json", summary)
+        log.info("val/loss %s -> %s; summary: %s", metrics.get("val/loss_initial"), metrics.get("val/loss"), path)
     finish_loggers(loggers)
-    log.info("val/loss %s -> %s; summary: %s", metrics.get("val/loss_initial"), metrics.get("val/loss"), path)
     return summary
 
 
