@@ -110,7 +110,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["fid_curve"] = [dict(record) for record in fidelity.history]
     if trainer.is_global_zero:
         path = write_summary(output_dir / "summary.json", summary)
-        log.info("val/loss %s -> %s; summary: %s", metrics.get("val/loss_initial"), metrics.get("val/loss"), path)
+        log.info(
+            "val/loss %s -> %s; summary: %s", metrics.get("val/loss_initial"), metrics.get("val/loss"), path
+        )
     finish_loggers(loggers)
     return summary
 

@@ -30,8 +30,12 @@ def main(cfg: DictConfig) -> float:
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     datamodule = instantiate(cfg.dataset)
     module = instantiate(cfg.model)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=CSVLogger(str(out), name="csv"),
-                                     default_root_dir=str(out), enable_checkpointing=False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        logger=CSVLogger(str(out), name="csv"),
+        default_root_dir=str(out),
+        enable_checkpointing=False,
+    )
     trainer.fit(module, datamodule=datamodule)
     path = module.export_first_stage(out / "first_stage.pt")
     images = next(iter(datamodule.val_dataloader()))["image"][: int(cfg.num_reconstructions)]

@@ -25,6 +25,7 @@ def single_thread():
     yield
     torch.set_num_threads(threads)
 
+
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY = [
     "model.net.hidden_size=8",
@@ -160,8 +161,14 @@ def test_short_fit_writes_samples_and_finite_val_loss(tmp_path: Path) -> None:
     module.output_dir = tmp_path
     dm = Stroke3DataModule("kanjivg/kanji.rdp200.npz", batch_size=16, num_train=64, max_len=40)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=4, val_check_interval=4, limit_val_batches=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=4,
+        val_check_interval=4,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=dm)

@@ -30,7 +30,9 @@ def test_ldm_celebahq_matches_table_1(tmp_path):
         assert report["params_active"] / report["params_prunable"] == pytest.approx(1 - sparsity, abs=1e-8)
 
 
-@pytest.mark.parametrize(("experiment", "train"), [("ldm_lsun_bedrooms", 7.64e16), ("ldm_imagenette", 6.83e16)])
+@pytest.mark.parametrize(
+    ("experiment", "train"), [("ldm_lsun_bedrooms", 7.64e16), ("ldm_imagenette", 6.83e16)]
+)
 def test_ldm_train_flops_of_the_other_datasets(tmp_path, experiment, train):
     assert cost(tmp_path, f"experiment={experiment}", "method=dense")["flops_train_dense"] == pytest.approx(
         train, rel=1e-3

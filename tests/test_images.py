@@ -60,8 +60,13 @@ def test_folder_datamodule_subsets_and_pixels(tmp_path):
 def test_class_folders_and_separate_val_root(tmp_path):
     write_images(tmp_path / "train", ["n02/a.png", "n02/b.png", "n01/c.png"])
     write_images(tmp_path / "val", ["n01/d.png", "n02/e.png"])
-    dm = ImageDataModule(root=str(tmp_path / "train"), val_root=str(tmp_path / "val"), resolution=4,
-                         batch_size=8, class_folders=True)
+    dm = ImageDataModule(
+        root=str(tmp_path / "train"),
+        val_root=str(tmp_path / "val"),
+        resolution=4,
+        batch_size=8,
+        class_folders=True,
+    )
     dm.setup()
     labels = {f.name: y for f, y in zip(dm.train_set.files, dm.train_set.labels, strict=True)}
     assert labels == {"c.png": 0, "a.png": 1, "b.png": 1}
@@ -77,8 +82,14 @@ def test_latent_cache_encodes_once(tmp_path):
         return torch.nn.functional.avg_pool2d(x, 2)
 
     def make():
-        return ImageDataModule(root=str(tmp_path / "img"), resolution=8, batch_size=2, num_train=3, num_val=2,
-                               latent_cache_dir=str(tmp_path / "cache"))
+        return ImageDataModule(
+            root=str(tmp_path / "img"),
+            resolution=8,
+            batch_size=2,
+            num_train=3,
+            num_val=2,
+            latent_cache_dir=str(tmp_path / "cache"),
+        )
 
     dm = make()
     dm.use_latents(encode, "vq-a", torch.device("cpu"))
@@ -94,8 +105,17 @@ def test_latent_cache_encodes_once(tmp_path):
 
 
 def test_kanjivg_images_embedded():
-    dm = KanjiVGImageDataModule(path="kanjivg/kanji.rdp200.npz", resolution=16, batch_size=4, render_size=32,
-                                line_width=2, margin=2, num_train=6, num_val=4, subset_seed=0)
+    dm = KanjiVGImageDataModule(
+        path="kanjivg/kanji.rdp200.npz",
+        resolution=16,
+        batch_size=4,
+        render_size=32,
+        line_width=2,
+        margin=2,
+        num_train=6,
+        num_val=4,
+        subset_seed=0,
+    )
     dm.setup()
     assert len(dm.train_set) == 6 and len(dm.val_set) == 4
     images = next(iter(dm.val_dataloader()))["image"]

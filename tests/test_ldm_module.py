@@ -17,16 +17,25 @@ VQ = dict(embed_dim=3, n_embed=16, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_ch
 
 def make_module(num_classes=None, first_stage=None, steps=5, num_timesteps=1000, label_dropout=0.0, eta=0.0):
     torch.manual_seed(0)
-    net = UNetModel(in_channels=3, out_channels=3, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
-                    attention_resolutions=[2], num_head_channels=16, num_classes=num_classes)
+    net = UNetModel(
+        in_channels=3,
+        out_channels=3,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[2],
+        num_head_channels=16,
+        num_classes=num_classes,
+    )
     with torch.no_grad():  # move away from the zero init so eps depends on its inputs
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return LatentDiffusionModule(
         name="ldm_test",
         net=net,
-        diffusion=dict(schedule="sqrt_linear", num_timesteps=num_timesteps, beta_start=0.0015,
-                       beta_end=0.0195),
+        diffusion=dict(
+            schedule="sqrt_linear", num_timesteps=num_timesteps, beta_start=0.0015, beta_end=0.0195
+        ),
         optimizer=dict(lr=1e-3, weight_decay=1e-2, betas=[0.9, 0.999], eps=1e-8),
         ema=dict(decay=0.9),
         sampling=dict(sampler="ddim", steps=steps, eta=eta, num_samples=4, guidance_scale=1.0, seed=0),
@@ -57,8 +66,9 @@ def test_ddim_full_schedule_eta_one_is_ddpm():
     eps_fn = module.guided_eps_fn(None, 1.0)
     x_T = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     ddpm = ddpm_sample(eps_fn, x_T, module.schedule, generator=torch.Generator().manual_seed(5))
-    ddim = ddim_sample(eps_fn, x_T, module.schedule, num_steps=20, eta=1.0,
-                       generator=torch.Generator().manual_seed(5))
+    ddim = ddim_sample(
+        eps_fn, x_T, module.schedule, num_steps=20, eta=1.0, generator=torch.Generator().manual_seed(5)
+    )
     torch.testing.assert_close(ddim, ddpm, rtol=1e-4, atol=1e-4)
     det = [ddim_sample(eps_fn, x_T, module.schedule, num_steps=5, eta=0.0) for _ in range(2)]
     torch.testing.assert_close(det[0], det[1], rtol=0, atol=0)
@@ -122,9 +132,17 @@ def test_fit_trains_only_the_net(tmp_path):
     module = make_module(steps=2)
     module.output_dir = tmp_path
     before = [p.detach().clone() for p in module.net.parameters()]
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, val_check_interval=3,
-                        check_val_every_n_epoch=None, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=3,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=TinyLatents(torch.rand(8, 3, 8, 8) * 2 - 1))
     assert any(not torch.equal(a, b) for a, b in zip(before, module.net.parameters(), strict=True))
     assert "val/loss" in trainer.callback_metrics

@@ -20,8 +20,15 @@ def paper_unet() -> UNetModel:
 
 
 def tiny_unet(**kw) -> UNetModel:
-    cfg = dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
-               attention_resolutions=[2], num_head_channels=16)
+    cfg = dict(
+        in_channels=3,
+        out_channels=3,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[2],
+        num_head_channels=16,
+    )
     return UNetModel(**{**cfg, **kw})
 
 

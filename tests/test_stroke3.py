@@ -143,9 +143,11 @@ def test_missing_file_error_names_it() -> None:
 
 # --- normalisation and conversions ----------------------------------------------------------
 
-drawings = st.integers(2, 40).flatmap(
-    lambda n: arrays(np.float64, (n, 3), elements=st.integers(-50, 50).map(float))
-).map(lambda a: np.concatenate([a[:, :2], (a[:, 2:] > 20).astype(np.float64)], axis=1))
+drawings = (
+    st.integers(2, 40)
+    .flatmap(lambda n: arrays(np.float64, (n, 3), elements=st.integers(-50, 50).map(float)))
+    .map(lambda a: np.concatenate([a[:, :2], (a[:, 2:] > 20).astype(np.float64)], axis=1))
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -263,8 +265,13 @@ def test_quickdraw_conditional_labels(tmp_path: Path) -> None:
     write_ndjson(tmp_path / "cat.ndjson", 12, seed=4)
     write_ndjson(tmp_path / "crab.ndjson", 12, seed=5)
     dm = QuickDrawDataModule(
-        str(tmp_path), ["cat", "crab"], file_pattern="{category}.ndjson", conditional=True,
-        ndjson_split=(6, 3, 3), batch_size=4, num_train=5,
+        str(tmp_path),
+        ["cat", "crab"],
+        file_pattern="{category}.ndjson",
+        conditional=True,
+        ndjson_split=(6, 3, 3),
+        batch_size=4,
+        num_train=5,
     )
     dm.setup()
     assert dm.datasets["train"].labels.tolist() == [0] * 5 + [1] * 5

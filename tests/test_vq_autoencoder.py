@@ -21,12 +21,19 @@ def test_paper_config_size_and_compvis_keys():
     assert sum(p.numel() for p in vq.parameters()) == 55_322_782
     keys = set(vq.state_dict())
     for key in (
-        "encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight",
-        "encoder.down.1.block.0.nin_shortcut.weight", "encoder.down.0.downsample.conv.weight",
-        "encoder.mid.attn_1.q.weight", "encoder.mid.attn_1.proj_out.bias", "encoder.norm_out.weight",
-        "decoder.up.2.block.2.conv2.weight", "decoder.up.1.upsample.conv.weight",
+        "encoder.conv_in.weight",
+        "encoder.down.0.block.0.conv1.weight",
+        "encoder.down.1.block.0.nin_shortcut.weight",
+        "encoder.down.0.downsample.conv.weight",
+        "encoder.mid.attn_1.q.weight",
+        "encoder.mid.attn_1.proj_out.bias",
+        "encoder.norm_out.weight",
+        "decoder.up.2.block.2.conv2.weight",
+        "decoder.up.1.upsample.conv.weight",
         "decoder.mid.block_2.norm2.bias",
-        "quantize.embedding.weight", "quant_conv.weight", "post_quant_conv.bias",
+        "quantize.embedding.weight",
+        "quant_conv.weight",
+        "post_quant_conv.bias",
     ):
         assert key in keys, key
     assert vq.state_dict()["quantize.embedding.weight"].shape == (8192, 3)
@@ -42,11 +49,13 @@ def test_checkpoint_round_trip(tmp_path, layout):
     if layout == "lightning":
         blob = {"state_dict": {**state, **extra}, "epoch": 3, "global_step": 1000}
     elif layout == "full_ldm":
-        blob = {"state_dict": {
-            **{f"first_stage_model.{k}": v for k, v in state.items()},
-            "model.diffusion_model.out.2.weight": torch.randn(3, 224, 3, 3),
-            "betas": torch.rand(1000),
-        }}
+        blob = {
+            "state_dict": {
+                **{f"first_stage_model.{k}": v for k, v in state.items()},
+                "model.diffusion_model.out.2.weight": torch.randn(3, 224, 3, 3),
+                "betas": torch.rand(1000),
+            }
+        }
     else:
         blob = state
     path = tmp_path / "model.ckpt"

@@ -216,8 +216,13 @@ class ImageDataModule(L.LightningDataModule):
         self.setup()
         tag = hashlib.sha256(encoder_tag.encode()).hexdigest()[:8]
         self.train_set, self.val_set = (
-            cached_latents(ds, encode, self.latent_cache_dir / f"{name}-{ds.fingerprint()}-{tag}.pt",
-                           self.batch_size, device)
+            cached_latents(
+                ds,
+                encode,
+                self.latent_cache_dir / f"{name}-{ds.fingerprint()}-{tag}.pt",
+                self.batch_size,
+                device,
+            )
             for name, ds in (("train", self.train_set), ("val", self.val_set))
         )
 
@@ -228,12 +233,18 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Order from (seed, epoch) only and checkpointed by Lightning: exact mid-epoch resume."""
-        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, seed=self.seed,
-                                   num_workers=self.num_workers)
+        return ResumableDataLoader(
+            self.train_set, batch_size=self.batch_size, seed=self.seed, num_workers=self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.val_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
 
 def rasterise_drawings(
@@ -273,9 +284,18 @@ class KanjiVGImageDataModule(ImageDataModule):
         name: str = "kanjivg_images",
         seed: int = 0,
     ):
-        super().__init__(root=None, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
-                         num_train=num_train, num_val=num_val, subset_seed=subset_seed, channels=1, name=name,
-                         seed=seed)
+        super().__init__(
+            root=None,
+            resolution=resolution,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            num_train=num_train,
+            num_val=num_val,
+            subset_seed=subset_seed,
+            channels=1,
+            name=name,
+            seed=seed,
+        )
         self.path = path
         self.render_size, self.line_width, self.margin = render_size, line_width, margin
 
@@ -285,7 +305,11 @@ class KanjiVGImageDataModule(ImageDataModule):
         for split, count in (("train", self.num_train), ("valid", self.num_val)):
             (idx,) = subset_indices(len(splits[split]), [count], self.subset_seed)
             drawings = [splits[split][i] for i in idx]
-            out.append(TensorImageDataset(
-                rasterise_drawings(drawings, self.resolution, self.render_size, self.line_width, self.margin)
-            ))
+            out.append(
+                TensorImageDataset(
+                    rasterise_drawings(
+                        drawings, self.resolution, self.render_size, self.line_width, self.margin
+                    )
+                )
+            )
         return out[0], out[1]

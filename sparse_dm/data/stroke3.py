@@ -120,8 +120,10 @@ def load_npz_arrays(path: str | Path) -> dict[str, np.ndarray]:
 
 def _as_drawing(item: object, source: str) -> np.ndarray:
     if not isinstance(item, np.ndarray) or item.ndim != 2 or item.shape[1] != 3:
-        raise ValueError(f"{source}: expected (n, 3) stroke-3 arrays, got {type(item).__name__} "
-                         f"{getattr(item, 'shape', '')}")
+        raise ValueError(
+            f"{source}: expected (n, 3) stroke-3 arrays, got {type(item).__name__} "
+            f"{getattr(item, 'shape', '')}"
+        )
     if not (np.issubdtype(item.dtype, np.integer) or np.issubdtype(item.dtype, np.floating)):
         raise ValueError(f"{source}: stroke-3 arrays must be numeric, got dtype {item.dtype}")
     return item.astype(np.float32)

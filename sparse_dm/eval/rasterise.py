@@ -54,7 +54,7 @@ def render_strokes(
     for stroke in _fit_to_canvas(strokes, canvas_size, margin):
         xy = [tuple(p) for p in stroke.tolist()]
         if len(xy) == 1:
-            (x, y), = xy
+            ((x, y),) = xy
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=INK)
         else:
             draw.line(xy, fill=INK, width=line_width, joint="curve")

@@ -33,8 +33,12 @@ class AutoencoderModule(L.LightningModule):
     def losses(self, images: Tensor) -> dict[str, Tensor]:
         rec, (codebook, commitment) = self.vq(images)
         mse = torch.nn.functional.mse_loss(rec, images)
-        return {"rec": mse, "codebook": codebook, "commitment": commitment,
-                "loss": mse + codebook + self.commitment_weight * commitment}
+        return {
+            "rec": mse,
+            "codebook": codebook,
+            "commitment": commitment,
+            "loss": mse + codebook + self.commitment_weight * commitment,
+        }
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         parts = self.losses(batch["image"])

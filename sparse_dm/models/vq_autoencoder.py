@@ -235,8 +235,15 @@ class VQModel(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        shape = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
-                     resolution=resolution, attn_resolutions=attn_resolutions, dropout=dropout)
+        shape = dict(
+            ch=ch,
+            ch_mult=ch_mult,
+            num_res_blocks=num_res_blocks,
+            z_channels=z_channels,
+            resolution=resolution,
+            attn_resolutions=attn_resolutions,
+            dropout=dropout,
+        )
         self.encoder = Encoder(in_channels=in_channels, **shape)
         self.decoder = Decoder(out_ch=out_ch, **shape)
         self.quantize = VectorQuantizer(n_embed, embed_dim)
@@ -293,7 +300,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
 def first_stage_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Select the autoencoder's keys: strip ``first_stage_model.`` if present, drop ``loss.*``."""
     if any(k.startswith(LDM_PREFIX) for k in state):
-        state = {k[len(LDM_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_PREFIX)}
+        state = {k[len(LDM_PREFIX) :]: v for k, v in state.items() if k.startswith(LDM_PREFIX)}
     return {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
 
 
