@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import tiny_extractor
 import torch
 from omegaconf import OmegaConf
-from torch import nn
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from sparse_dm.data.stroke3 import deltas_to_strokes
 from sparse_dm.eval.fidelity import (
@@ -21,55 +19,14 @@ from sparse_dm.eval.fidelity import (
 )
 from sparse_dm.eval.rasterise import render_batch
 
-TINY = "tiny-test-extractor"
-FEATURE = "pooled"
-NUM_FEATURES = 8
 NUM_SAMPLES = 24
 IMAGE_SIZE = 16
 
 
-def tiny_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, NUM_FEATURES, 3, stride=2), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
-    )
-
-
-class TinyExtractor(FeatureExtractorBase):
-    """A fixed random conv net: loads its weights from the path torch-fidelity passes, like Inception does."""
-
-    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
-        super().__init__(name, features_list)
-        self.net = tiny_net()
-        self.net.load_state_dict(torch.load(feature_extractor_weights_path, weights_only=True))
-
-    @staticmethod
-    def get_provided_features_list():
-        return (FEATURE,)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return FEATURE
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        raise NotImplementedError
-
-    def forward(self, x):
-        return (self.net(x.float() / 255.0),)
-
-
 @pytest.fixture(scope="module")
 def tiny_cfg(tmp_path_factory) -> FidelityConfig:
-    if TINY not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(TINY, TinyExtractor)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("extractor") / "tiny.pt"
-    torch.save(tiny_net().state_dict(), path)
-    return FidelityConfig(feature_extractor=TINY, weights_path=str(path), cuda=False)
+    path = tiny_extractor.install(tmp_path_factory.mktemp("extractor"))
+    return FidelityConfig(feature_extractor=tiny_extractor.NAME, weights_path=str(path), cuda=False)
 
 
 def random_images(seed: int, brightness: float = 0.0) -> torch.Tensor:

@@ -13,22 +13,18 @@ from typing import Any
 
 import lightning as L
 import pytest
+import tiny_extractor
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers.logger import Logger
 from run_config import compose_config
-from torch import Tensor, nn
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch import Tensor
 from toy_diffusion import MODULE_KWARGS, ToyData, ToyModule, ToyNet
 
 from sparse_dm.data.images import TensorImageDataset
 from sparse_dm.eval.fidelity import FidelityUnavailableError
 from sparse_dm.lightning.fidelity_callback import FidelityCallback
 
-EXTRACTOR = "tiny-callback-extractor"
-FEATURE = "pooled"
-NUM_FEATURES = 8
 IMAGE_SIZE = 16
 EXTENT = 3.0  # rendered window: [-EXTENT, EXTENT]^2 covers the toy data's two clusters
 BLOB_WIDTH = 0.5
@@ -38,40 +34,6 @@ EVERY = 2
 MAX_STEPS = 5  # not a multiple of EVERY: the final step is scored by at_train_end
 EXPECTED_STEPS = [2, 4, 5]
 SEED = 0
-
-
-def tiny_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, NUM_FEATURES, 3, stride=2), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
-    )
-
-
-class TinyExtractor(FeatureExtractorBase):
-    """A fixed random conv net that loads its weights from the path torch-fidelity passes."""
-
-    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
-        super().__init__(name, features_list)
-        self.net = tiny_net()
-        self.net.load_state_dict(torch.load(feature_extractor_weights_path, weights_only=True))
-
-    @staticmethod
-    def get_provided_features_list():
-        return (FEATURE,)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return FEATURE
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        raise NotImplementedError
-
-    def forward(self, x):
-        return (self.net(x.float() / 255.0),)
 
 
 def render_points(points: Tensor) -> Tensor:
@@ -121,12 +83,7 @@ class MemoryLogger(Logger):
 
 @pytest.fixture(scope="module")
 def extractor_weights(tmp_path_factory) -> str:
-    if EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(EXTRACTOR, TinyExtractor)
-    torch.manual_seed(SEED)
-    path = tmp_path_factory.mktemp("extractor") / "tiny.pt"
-    torch.save(tiny_net().state_dict(), path)
-    return str(path)
+    return str(tiny_extractor.install(tmp_path_factory.mktemp("extractor")))
 
 
 def make_callback(weights_path: str) -> FidelityCallback:
@@ -135,7 +92,7 @@ def make_callback(weights_path: str) -> FidelityCallback:
         num_samples=NUM_SAMPLES,
         batch_size=NUM_SAMPLES // 2,  # two generate() calls per evaluation
         fidelity={
-            "feature_extractor": EXTRACTOR,
+            "feature_extractor": tiny_extractor.NAME,
             "weights_path": weights_path,
             "kid_subsets": KID_SUBSETS,
             "cuda": False,
