@@ -174,3 +174,11 @@ def test_cosine_schedule_decays_and_stops():
     assert engine.schedule.drop_fraction(0) == pytest.approx(0.5)
     assert engine.schedule.drop_fraction(3) == pytest.approx(0.25)
     assert [s for s in range(10) if engine.update_due(s)] == [2, 4]
+
+
+def test_loading_masks_of_another_sparsity_is_refused():
+    net, engine, _ = make(SmallConvNet, "rigl", sparsity=0.7)
+    other_net, other, _ = make(SmallConvNet, "rigl", sparsity=0.5)
+    other_net.load_state_dict(net.state_dict())
+    with pytest.raises(ValueError, match=r"sparsity=0\.5 implies"):
+        other.load_state_dict(engine.state_dict())

@@ -152,7 +152,20 @@ class SparseEngine:
             "ever_active": [m.cpu() for m in self.ever_active],
         }
 
+    def check_masks(self) -> None:
+        """Fail loudly if the masks on the model (e.g. just loaded from a checkpoint) do not hold the
+        counts this engine's config implies, instead of silently training a different sparsity."""
+        for weight, target in zip(self.weights, self.target_counts, strict=True):
+            nnz = int(weight.mask.sum())
+            if nnz != target:
+                raise ValueError(
+                    f"{weight.name}: the mask has {nnz} active weights but sparsity={self.sparsity} implies "
+                    f"{target}; resume with the run's own config "
+                    "(sparsity, method.distribution, method.include/exclude)"
+                )
+
     def load_state_dict(self, state: dict) -> None:
+        self.check_masks()
         self.step = int(state["step"])
         self.num_updates = int(state["num_updates"])
         self.ever_active = [m.clone().to(torch.bool) for m in state["ever_active"]]
