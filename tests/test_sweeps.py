@@ -26,7 +26,7 @@ EXPECTED = {  # file -> (jobs, methods, sparsities, prune rates, seeds, Te of th
     "dense_latent_diffusion": (3, {"dense"}, {0.0}, None, SEEDS, 1100),
     "dense_chirodiff": (3, {"dense"}, {0.0}, None, SEEDS, 800),
     "appendix_h_prune_rate": (15, {"rigl"}, {0.25}, {0.05, 0.1, 0.2, 0.3, 0.5}, SEEDS, 1100),
-    "demo_cpu_kanjivg": (12, {"static", "rigl", "magran"}, {0.5, 0.9}, {0.5}, {0, 1}, 4),
+    "demo_cpu_kanjivg": (12, {"static", "rigl", "magran"}, {0.5, 0.9}, {0.5}, {0, 1}, 10),
 }
 
 
