@@ -109,12 +109,15 @@ def load_npz_arrays(path: str | Path) -> dict[str, np.ndarray]:
     """All arrays of an `.npz` file by key, never executing pickled code."""
     path = Path(path)
     arrays = {}
-    with zipfile.ZipFile(path) as archive:
-        for member in archive.namelist():
-            if not member.endswith(".npy"):
-                continue
-            key = member.removesuffix(".npy")
-            arrays[key] = _read_npy_member(archive.read(member), f"{path} [{key}]")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                key = member.removesuffix(".npy")
+                arrays[key] = _read_npy_member(archive.read(member), f"{path} [{key}]")
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{path} is not a valid .npz (zip) file: {err}") from err
     return arrays
 
 
