@@ -290,5 +290,5 @@ def test_quickdraw_npz_unconditional(tmp_path: Path) -> None:
 def test_a_corrupt_file_is_refused_with_its_name(tmp_path):
     path = tmp_path / "corrupt.npz"
     path.write_bytes(b"not a zip archive at all")
-    with pytest.raises(ValueError, match="corrupt.npz is not a valid .npz"):
+    with pytest.raises(ValueError, match=r"corrupt\.npz is not a valid \.npz"):
         load_npz_arrays(path)
