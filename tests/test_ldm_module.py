@@ -3,13 +3,13 @@
 import lightning as L
 import pytest
 import torch
+from tiny_unet import tiny_unet
 from torch.utils.data import DataLoader
 
 from sparse_dm.data.images import TensorImageDataset
 from sparse_dm.diffusion import ddim_sample, ddpm_sample
 from sparse_dm.lightning.diffusion_module import DiffusionBatch
 from sparse_dm.lightning.ldm_module import LatentDiffusionModule
-from sparse_dm.models.ldm_unet import UNetModel
 from sparse_dm.models.vq_autoencoder import VQModel
 
 VQ = dict(embed_dim=3, n_embed=16, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=3, resolution=16)
@@ -17,16 +17,7 @@ VQ = dict(embed_dim=3, n_embed=16, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_ch
 
 def make_module(num_classes=None, first_stage=None, steps=5, num_timesteps=1000, label_dropout=0.0, eta=0.0):
     torch.manual_seed(0)
-    net = UNetModel(
-        in_channels=3,
-        out_channels=3,
-        model_channels=32,
-        channel_mult=[1, 2],
-        num_res_blocks=1,
-        attention_resolutions=[2],
-        num_head_channels=16,
-        num_classes=num_classes,
-    )
+    net = tiny_unet(num_classes=num_classes)
     with torch.no_grad():  # move away from the zero init so eps depends on its inputs
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from tiny_unet import tiny_unet
 from torch import nn
 
 from sparse_dm.models.ldm_unet import UNetModel
@@ -17,19 +18,6 @@ def paper_unet() -> UNetModel:
     net_cfg = OmegaConf.load(CONF / "model" / "ldm_unet.yaml").net
     with torch.device("meta"):
         return instantiate(net_cfg)
-
-
-def tiny_unet(**kw) -> UNetModel:
-    cfg = dict(
-        in_channels=3,
-        out_channels=3,
-        model_channels=32,
-        channel_mult=[1, 2],
-        num_res_blocks=1,
-        attention_resolutions=[2],
-        num_head_channels=16,
-    )
-    return UNetModel(**{**cfg, **kw})
 
 
 def randomise(net: nn.Module, seed: int = 0) -> nn.Module:

@@ -80,7 +80,7 @@ def ddim_sample(
         prev = _timesteps(x, steps[i + 1] if i + 1 < len(steps) else -1)
         eps = eps_fn(x, t)
         a_bar, a_bar_prev = schedule.alpha_bar(t, x), schedule.alpha_bar(prev, x)
-        x0 = (x - (1.0 - a_bar).sqrt() * eps) / a_bar.sqrt()
+        x0 = schedule.predict_x0(x, t, eps)
         sigma = eta * ((1.0 - a_bar_prev) / (1.0 - a_bar) * (1.0 - a_bar / a_bar_prev)).sqrt()
         x = a_bar_prev.sqrt() * x0 + (1.0 - a_bar_prev - sigma**2).clamp_min(0.0).sqrt() * eps
         if eta > 0 and i + 1 < len(steps):

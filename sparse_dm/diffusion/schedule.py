@@ -59,10 +59,9 @@ class NoiseSchedule(nn.Module):
         )
 
     def predict_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """Invert q_sample given a noise estimate."""
-        return (x_t - _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / _gather(
-            self.sqrt_alphas_cumprod, t, x_t
-        )
+        """Invert q_sample given a noise estimate (from alpha_bar, like the samplers' other terms)."""
+        a_bar = self.alpha_bar(t, x_t)
+        return (x_t - (1.0 - a_bar).sqrt() * eps) / a_bar.sqrt()
 
     def alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
         """alphas_cumprod[t] broadcast against `like`; t = -1 means alpha_bar = 1 (clean data)."""

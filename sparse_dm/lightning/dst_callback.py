@@ -28,7 +28,6 @@ class DSTCallback(L.Callback):
         self.engine = engine
         self.log_layers = log_layers
         self._last_step: int | None = None
-        self.reports: list[UpdateReport] = []
 
     @property
     def state_key(self) -> str:
@@ -53,7 +52,6 @@ class DSTCallback(L.Callback):
             ema = getattr(pl_module, "ema", None)
             if isinstance(ema, MaskedEMA):
                 ema.remask(pl_module.net)
-            self.reports.append(report)
             self._log_update(trainer, report)
 
     def _log_update(self, trainer: L.Trainer, report: UpdateReport) -> None:

@@ -11,7 +11,7 @@ engine.after_step(optimizer)    # re-mask; every Te steps prune + grow + reset o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -169,6 +169,3 @@ class SparseEngine:
         self.step = int(state["step"])
         self.num_updates = int(state["num_updates"])
         self.ever_active = [m.clone().to(torch.bool) for m in state["ever_active"]]
-
-    def describe(self) -> dict:
-        return {"sparsity": self.sparsity, "seed": self.seed, **asdict(self.schedule)}

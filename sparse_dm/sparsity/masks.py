@@ -35,7 +35,6 @@ class PrunableWeight:
     name: str
     module: nn.Module
     attr: str
-    kind: str  # "linear" | "conv" | "recurrent"
 
     @property
     def param(self) -> nn.Parameter:
@@ -62,21 +61,18 @@ def find_prunable(
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         if isinstance(module, LAYER_TYPES):
-            kind = "linear" if isinstance(module, nn.Linear) else "conv"
-            candidates = [("weight", kind)] if module.weight is not None else []
+            candidates = ["weight"] if module.weight is not None else []
         elif isinstance(module, RNN_TYPES):
-            candidates = [
-                (n, "recurrent") for n, _ in module.named_parameters(recurse=False) if RNN_WEIGHT.match(n)
-            ]
+            candidates = [n for n, _ in module.named_parameters(recurse=False) if RNN_WEIGHT.match(n)]
         else:
             continue
-        for attr, kind in candidates:
+        for attr in candidates:
             name = prefix + attr
             if include is not None and not _matches(name, include):
                 continue
             if _matches(name, exclude):
                 continue
-            found.append(PrunableWeight(name, module, attr, kind))
+            found.append(PrunableWeight(name, module, attr))
     if not found:
         raise ValueError("no prunable weights found: check sparsity include/exclude patterns")
     return found
