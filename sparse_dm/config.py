@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm.sparsity.criteria import GROW_CRITERIA, PRUNE_CRITERIA
 from sparse_dm.sparsity.distributions import DISTRIBUTIONS
+from sparse_dm.sparsity.ema import MASK_UPDATE_POLICIES
 from sparse_dm.sparsity.schedule import SCHEDULES
 
 METHODS = ("dense", "static", "rigl", "magran")
@@ -64,6 +65,18 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "method.grow", lambda v: v in GROW_CRITERIA, f"one of {sorted(GROW_CRITERIA)}", optional=True)
     _check(cfg, "method.schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES}")
     _check(cfg, "method.end_step", lambda v: _is_int(v) and v >= 1, "null or an integer >= 1", optional=True)
+    _check(
+        cfg,
+        "method.end_fraction",
+        lambda v: _is_number(v) and 0.0 < v <= 1.0,
+        "null or a number in (0, 1]",
+        optional=True,
+    )
+    if cfg.method.schedule == "cosine" and cfg.method.end_step is None and cfg.method.end_fraction is None:
+        raise ConfigError(
+            "invalid config: method.schedule=cosine decays to 0 at the last update; allowed: set "
+            "method.end_fraction (e.g. 0.75) or method.end_step"
+        )
     _check(cfg, "dataset.batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     _check(
         cfg, "dataset.num_train", lambda v: _is_int(v) and v >= 1, "null or an integer >= 1", optional=True
@@ -71,6 +84,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "model.optimizer.lr", lambda v: _is_number(v) and v > 0, "a number > 0")
     _check(cfg, "model.optimizer.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0")
     _check(cfg, "model.ema.decay", lambda v: _is_number(v) and 0.0 <= v < 1.0, "a number in [0, 1)")
+    _check(cfg, "model.ema.warmup", lambda v: isinstance(v, bool), "true or false")
+    _check(
+        cfg, "model.ema.on_mask_update", lambda v: v in MASK_UPDATE_POLICIES, f"one of {MASK_UPDATE_POLICIES}"
+    )
+    _check(cfg, "model.sampling.weights", lambda v: v in ("ema", "raw"), "ema or raw")
     steps = _get(cfg, "model.diffusion.num_timesteps")
     _check(cfg, "model.diffusion.num_timesteps", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     _check(

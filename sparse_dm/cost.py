@@ -23,6 +23,7 @@ from sparse_dm.sparsity import criteria
 from sparse_dm.sparsity.distributions import layer_counts
 from sparse_dm.sparsity.flops import cost_summary, measure_weight_uses
 from sparse_dm.sparsity.masks import find_prunable
+from sparse_dm.sparsity.schedule import UpdateSchedule
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,17 @@ def compute_cost(cfg: DictConfig, module: torch.nn.Module | None = None) -> dict
     except TrainingSetUnknown as err:
         log.warning("%s; train FLOPs are reported as null", err)
         steps = None
-    return cost_summary(
+    schedule = UpdateSchedule(
+        int(cfg.update_interval),
+        float(cfg.prune_rate),
+        cfg.method.schedule,
+        cfg.method.end_step,
+        cfg.method.end_fraction,
+        steps,
+    )
+    stop = schedule.stop_step
+    window = min(1.0, stop / steps) if stop is not None and steps else (cfg.method.end_fraction or 1.0)
+    cost = cost_summary(
         net,
         uses,
         active,
@@ -90,7 +101,10 @@ def compute_cost(cfg: DictConfig, module: torch.nn.Module | None = None) -> dict
         update_interval=int(cfg.update_interval) if dense_grads else None,
         dense_grad_updates=dense_grads,
         convention=cfg.cost.convention,
+        update_window=window,
     )
+    planned = schedule.num_updates() if grow is not None else 0
+    return {**cost, "mask_updates_planned": planned, "mask_updates_stop_step": stop if grow else None}
 
 
 def _fmt(value: float | None, spec: str) -> str:

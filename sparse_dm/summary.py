@@ -58,6 +58,7 @@ def build_summary(
         **{k: v for k, v in cost.items() if k != "layers"},
         "layers": layer_records(net, engine),
         "mask_updates": engine.num_updates if engine else 0,
+        "mask_updates_skipped": engine.skipped_updates if engine else 0,
         "exploration_rate": engine.exploration_rate() if engine else 1.0,
         "metrics": {k: (v if math.isfinite(v) else None) for k, v in finite.items()},
         "samples": samples,

@@ -18,13 +18,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm import config
-from sparse_dm.cost import compute_cost
+from sparse_dm.cost import active_counts, compute_cost
 from sparse_dm.lightning.diffusion_module import DiffusionModule
 from sparse_dm.lightning.dst_callback import DSTCallback
 from sparse_dm.lightning.fidelity_callback import FidelityCallback
 from sparse_dm.lightning.rng_state import RNGStateCallback
 from sparse_dm.lightning.wandb_logging import build_loggers, finish_loggers
-from sparse_dm.sparsity.engine import SparseEngine
+from sparse_dm.sparsity.engine import EmptyLayerError, SparseEngine, check_layer_budget
 from sparse_dm.summary import build_summary, write_summary
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,25 @@ def build_engine(cfg: DictConfig, net: torch.nn.Module) -> SparseEngine | None:
         update_interval=int(cfg.update_interval),
         schedule=cfg.method.schedule,
         end_step=cfg.method.end_step,
+        end_fraction=cfg.method.end_fraction,
         seed=int(cfg.seed),
         include=cfg.method.include,
         exclude=list(cfg.method.exclude),
     )
+
+
+def check_sparsity_budget(cfg: DictConfig) -> None:
+    """Refuse, before data or weights exist, a sparsity that leaves a layer with no active weight
+    (counts from the denoiser built on the meta device: no memory, no time)."""
+    if cfg.method.name == "dense":
+        return
+    with torch.device("meta"):
+        net = instantiate(cfg.model.net, _convert_="all")
+    counts = active_counts(cfg, net)
+    try:
+        check_layer_budget(list(counts), list(counts.values()))
+    except EmptyLayerError as err:
+        raise config.ConfigError(f"invalid config: sparsity={cfg.sparsity}: {err}") from err
 
 
 def build_run(cfg: DictConfig) -> tuple[DiffusionModule, L.LightningDataModule, SparseEngine | None]:
@@ -56,6 +71,7 @@ def build_run(cfg: DictConfig) -> tuple[DiffusionModule, L.LightningDataModule, 
     Used by training and by evaluation (which then loads a checkpoint into the returned module).
     """
     config.validate(cfg)
+    check_sparsity_budget(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     # Plain containers (not DictConfig) so checkpoints load with torch.load(weights_only=True).
     datamodule = instantiate(cfg.dataset, _convert_="all")

@@ -6,11 +6,12 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import MixedPrecision
 from toy_diffusion import ToyData, make_module
 
 from sparse_dm.lightning.dst_callback import DSTCallback
 from sparse_dm.lightning.rng_state import RNGStateCallback
-from sparse_dm.sparsity import SparseEngine
+from sparse_dm.sparsity import MaskedEMA, SparseEngine
 
 
 def trainer(tmp_path, max_steps: int, callbacks, **kwargs) -> L.Trainer:
@@ -42,7 +43,7 @@ def test_update_interval_counts_optimizer_steps_under_accumulation(tmp_path):
         module, ToyData()
     )
     assert engine.step == 12
-    assert engine.num_updates == 3  # steps 4, 8, 12 of 36 micro-batches
+    assert engine.num_updates == 2  # steps 4 and 8 of 36 micro-batches; never on the final step 12
     for weight, target in zip(engine.weights, engine.target_counts, strict=True):
         assert int(weight.mask.sum()) == target
         assert not weight.param[~weight.mask].any()
@@ -74,7 +75,7 @@ def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path, stop_at):
         resumed, ToyData(), ckpt_path=tmp_path / f"step={stop_at}.ckpt"
     )
     assert resumed_engine.step == engine.step == 16
-    assert resumed_engine.num_updates == engine.num_updates == 4
+    assert resumed_engine.num_updates == engine.num_updates == 3  # 4, 8, 12 (not the final step 16)
     for a, b in zip(engine.weights, resumed_engine.weights, strict=True):
         assert torch.equal(a.mask, b.mask), a.name
     for (name, a), b in zip(module.state_dict().items(), resumed.state_dict().values(), strict=True):
@@ -82,14 +83,85 @@ def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path, stop_at):
     assert resumed_engine.exploration_rate() == engine.exploration_rate()
 
 
-def test_ema_is_remasked_at_each_mask_update(tmp_path):
-    module, engine, callback = sparse_run(interval=1)
-    seen: list[bool] = []
+def _shadow(module, name: str) -> torch.Tensor:
+    return module.ema.get_buffer(name.replace(".", "__"))
 
-    class Check(L.Callback):
+
+@pytest.mark.parametrize("policy", ["resync", "remask"])
+def test_ema_follows_the_mask_update_policy(tmp_path, policy):
+    """resync: right after an update the EMA *is* the live network and its warm-up restarts;
+    remask: kept weights keep their averaged history, pruned positions are zero."""
+    module, engine, callback = sparse_run(interval=3)
+    module.ema.on_mask_update = policy
+    seen: dict[str, object] = {}
+
+    class Check(L.Callback):  # runs after the DST callback of the same step
         def on_train_batch_end(self, trainer, pl_module, *args):
-            buffers = dict(pl_module.ema.named_buffers())
-            seen.append(all(not buffers[w.name.replace(".", "__")][~w.mask].any() for w in engine.weights))
+            if trainer.global_step != 3:
+                return
+            seen["num_updates"] = int(pl_module.ema.num_updates)
+            seen["equal"] = all(
+                torch.equal(_shadow(pl_module, n), p) for n, p in pl_module.net.named_parameters()
+            )
+            seen["clean"] = all(not _shadow(pl_module, w.name)[~w.mask].any() for w in engine.weights)
 
-    trainer(tmp_path, 6, [callback, Check()], enable_checkpointing=False).fit(module, ToyData())
-    assert engine.num_updates == 6 and seen == [True] * 6
+    trainer(tmp_path, 4, [callback, Check()], enable_checkpointing=False).fit(module, ToyData())
+    assert engine.num_updates == 1 and seen["clean"]
+    if policy == "resync":
+        assert seen["equal"] and seen["num_updates"] == 0
+    else:
+        assert not seen["equal"] and seen["num_updates"] == 3
+
+
+def test_ema_warmup_forgets_the_random_initialisation():
+    """Without warm-up a 0.995 EMA still holds 0.995**50 = 78% of the initial weights after 50
+    steps (the cause of the scribbled default samples in issue 8)."""
+    net = torch.nn.Linear(4, 4)
+    ema = MaskedEMA(net, decay=0.995)
+    assert ema.current_decay() == pytest.approx(0.1)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    for _ in range(50):
+        ema.update(net)
+    assert torch.allclose(ema.get_buffer("weight"), net.weight, atol=0.05)
+    assert int(ema.state_dict()["num_updates"]) == 50
+    assert ema.current_decay() == pytest.approx(51 / 60)
+
+
+@pytest.mark.parametrize("weights", ["ema", "raw"])
+def test_validation_logs_ema_and_raw_loss(tmp_path, weights):
+    module, _, callback = sparse_run()
+    module.sampling_cfg["weights"] = weights
+    fit = trainer(tmp_path, 6, [callback], enable_checkpointing=False)
+    fit.limit_val_batches = 2
+    fit.fit(module, ToyData())
+    fit.validate(module, ToyData(), verbose=False)
+    metrics = fit.callback_metrics
+    assert float(metrics["val/loss_ema"]) != float(metrics["val/loss_raw"])
+    assert float(metrics["val/loss"]) == float(metrics[f"val/loss_{weights}"])
+
+
+@pytest.mark.parametrize("where", ["loss", "bias"])
+def test_amp_overflow_at_an_update_step_skips_the_update(tmp_path, where):
+    """fp16 AMP: the grad scaler skips an overflowing step but Lightning still advances
+    global_step; the update due at that step must be skipped too (before: pruned, not regrown).
+    An overflow only in a dense bias leaves the prunable gradients finite: only the scaler knows."""
+    module, engine, callback = sparse_run(interval=3)
+    original = type(module).training_step
+
+    def overflow(value):
+        return value * float("inf") if module.trainer.global_step == 2 else value
+
+    def overflow_at_update(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        return loss if where == "bias" else overflow(loss)
+
+    module.training_step = overflow_at_update.__get__(module)
+    if where == "bias":
+        module.net.out.bias.register_hook(overflow)
+    amp = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer(tmp_path, 7, [callback], plugins=[amp], enable_checkpointing=False).fit(module, ToyData())
+    assert (engine.num_updates, engine.skipped_updates) == (1, 1)  # step 3 skipped, step 6 ran
+    engine.check_masks()
+    for weight in engine.weights:
+        assert not weight.param[~weight.mask].any()

@@ -29,7 +29,9 @@ def make_module(num_classes=None, first_stage=None, steps=5, num_timesteps=1000,
         ),
         optimizer=dict(lr=1e-3, weight_decay=1e-2, betas=[0.9, 0.999], eps=1e-8),
         ema=dict(decay=0.9),
-        sampling=dict(sampler="ddim", steps=steps, eta=eta, num_samples=4, guidance_scale=1.0, seed=0),
+        sampling=dict(
+            weights="ema", sampler="ddim", steps=steps, eta=eta, num_samples=4, guidance_scale=1.0, seed=0
+        ),
         validation=dict(seed=0),
         first_stage=first_stage or dict(kind="identity"),
         latent_shape=[3, 8, 8],

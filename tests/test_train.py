@@ -7,8 +7,10 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 from run_config import TINY_CHIRODIFF, compose_config
 
+from sparse_dm.config import ConfigError
 from sparse_dm.lightning.chirodiff_module import ChiroDiffModule
 from sparse_dm.train import run
 
@@ -50,13 +52,16 @@ def test_run_writes_summary_samples_and_checkpoints(tmp_path, method):
     assert set(on_disk) >= SUMMARY_KEYS
     assert math.isfinite(on_disk["metrics"]["val/loss"])
     assert math.isfinite(on_disk["metrics"]["val/loss_initial"])
-    assert on_disk["samples"] and all((tmp_path / "samples").glob("*.png"))
+    grids = sorted((tmp_path / "samples").glob("*.png"))
+    assert [str(p) for p in grids] == sorted(on_disk["samples"])
+    assert [p.name for p in grids] == ["step_000003.png", "step_000006.png"]
+    assert all(Image.open(p).size[0] > 0 for p in grids)
     assert any(p.endswith("last.ckpt") for p in on_disk["checkpoints"])
     assert (tmp_path / "csv" / "metrics.csv").exists()
     for layer in on_disk["layers"]:
         assert layer["nnz"] == layer["target_nnz"] >= layer["nonzero"]
     if method == "rigl":
-        assert on_disk["mask_updates"] == 3
+        assert on_disk["mask_updates"] == on_disk["mask_updates_planned"] == 1  # step 2; stop at 0.75 * 6
         assert on_disk["params_active"] == round(0.5 * on_disk["params_prunable"])
         assert 0.5 < on_disk["exploration_rate"] <= 1.0
     else:
@@ -72,12 +77,20 @@ def test_crash_leaves_a_resumable_checkpoint(tmp_path, monkeypatch):
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(ChiroDiffModule, "training_step", crash_at_step_4)
+    updating = [*TINY_CHIRODIFF, "method.end_fraction=null"]  # updates at steps 2 and 4
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(compose_config(tmp_path, TINY_CHIRODIFF))
+        run(compose_config(tmp_path, updating))
     crash_ckpt = tmp_path / "checkpoints" / "on_exception.ckpt"
     state = torch.load(crash_ckpt, map_location="cpu", weights_only=True)  # loads without unpickling code
     assert state["global_step"] == 4 and state["callbacks"]["DSTCallback"]["num_updates"] == 2
 
     monkeypatch.setattr(ChiroDiffModule, "training_step", original)
-    summary = run(compose_config(tmp_path / "resumed", [*TINY_CHIRODIFF, f"ckpt_path={crash_ckpt}"]))
-    assert summary["mask_updates"] == 3 and math.isfinite(summary["metrics"]["val/loss"])
+    summary = run(compose_config(tmp_path / "resumed", [*updating, f"ckpt_path={crash_ckpt}"]))
+    assert summary["mask_updates"] == 2 and math.isfinite(summary["metrics"]["val/loss"])
+
+
+def test_a_sparsity_that_empties_a_layer_is_refused_before_training(tmp_path):
+    overrides = [*TINY_CHIRODIFF, "sparsity=0.999", "method.distribution=uniform"]
+    with pytest.raises(ConfigError, match=r"sparsity=0\.999: .*0 active weights: .*out\.weight"):
+        run(compose_config(tmp_path, overrides))
+    assert not (tmp_path / "checkpoints").exists()

@@ -17,7 +17,7 @@ MODULE_KWARGS = {
     "diffusion": {"schedule": "linear", "num_timesteps": 100, "beta_start": 1e-4, "beta_end": 2e-2},
     "optimizer": {"lr": 1e-2, "weight_decay": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8},
     "ema": {"decay": 0.9},
-    "sampling": {"sampler": "ddim", "steps": 5, "eta": 0.0, "num_samples": 4, "seed": 0},
+    "sampling": {"weights": "ema", "sampler": "ddim", "steps": 5, "eta": 0.0, "num_samples": 4, "seed": 0},
     "validation": {"seed": 0},
 }
 

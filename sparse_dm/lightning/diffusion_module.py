@@ -1,15 +1,16 @@
 """The LightningModule skeleton shared by every diffusion model family.
 
 eps-prediction training with a masked MSE, a fixed-seed validation loss (same timesteps and noise
-every time, so runs compare across methods and sparsities), AdamW, a masked EMA used for validation
-and sampling, and sample grids written as PNG. Families implement the data representation and
+every time, so runs compare across methods and sparsities) measured with both the EMA and the raw
+training weights, AdamW, a masked EMA, and sample grids written as PNG with the weights chosen by
+`sampling.weights` (ema | raw). Families implement the data representation and
 the denoiser call (see docs/CONTRACTS.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from torch import Tensor, nn
 from sparse_dm.diffusion import NoiseSchedule, masked_mse, sample
 from sparse_dm.diffusion.losses import per_sample_masked_mse
 from sparse_dm.sparsity.ema import MaskedEMA
+
+SAMPLING_WEIGHTS = ("ema", "raw")
 
 
 @dataclass
@@ -54,7 +57,11 @@ class DiffusionModule(L.LightningModule):
         self.schedule = NoiseSchedule(
             diffusion["schedule"], diffusion["num_timesteps"], diffusion["beta_start"], diffusion["beta_end"]
         )
-        self.ema = MaskedEMA(net, ema["decay"])
+        self.ema = MaskedEMA(net, **ema)
+        if sampling["weights"] not in SAMPLING_WEIGHTS:
+            raise ValueError(
+                f"model.sampling.weights must be one of {SAMPLING_WEIGHTS}, got {sampling['weights']!r}"
+            )
         self.optimizer_cfg = dict(optimizer)
         self.sampling_cfg = dict(sampling)
         self.validation_cfg = dict(validation)
@@ -84,6 +91,10 @@ class DiffusionModule(L.LightningModule):
         """Run self.net with the (masked) EMA weights inside the block."""
         with self.ema.swapped_into(self.net) as net:
             yield net
+
+    def sampling_weights(self) -> AbstractContextManager[nn.Module]:
+        """The weights samples, FID and `val/loss` use: EMA or the raw training weights."""
+        return self.ema_weights() if self.sampling_cfg["weights"] == "ema" else nullcontext(self.net)
 
     def sample_with(self, eps_fn, x_T: Tensor, generator: torch.Generator | None, **overrides: Any) -> Tensor:
         """Run the configured sampler (sampling.sampler / steps / eta), allowing per-call overrides."""
@@ -127,30 +138,33 @@ class DiffusionModule(L.LightningModule):
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         return t.to(x0.device), noise.to(x0.device)
 
-    def on_validation_epoch_start(self) -> None:
-        self._ema_context = self.ema_weights()
-        self._ema_context.__enter__()
-
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Logs `val/loss_raw` (training weights), `val/loss_ema` (EMA weights) and `val/loss`, the
+        one `sampling.weights` selects; a gap between the first two shows the EMA lagging."""
         data = self.prepare_batch(batch)
         t, noise = self._fixed_noise(data.x0, batch_idx)
-        loss = self.diffusion_loss(data, t, noise)
-        self.log("val/loss", loss, prog_bar=True, batch_size=data.x0.shape[0], sync_dist=True)
+        losses = {"raw": self.diffusion_loss(data, t, noise)}
+        with self.ema_weights():
+            losses["ema"] = self.diffusion_loss(data, t, noise)
+        size = data.x0.shape[0]
+        for name, value in losses.items():
+            self.log(f"val/loss_{name}", value, batch_size=size, sync_dist=True)
+        loss = losses[self.sampling_cfg["weights"]]
+        self.log("val/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        self._ema_context.__exit__(None, None, None)
         self.last_validated_step = self.trainer.global_step
         if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
             self.write_samples()
 
     @torch.no_grad()
     def write_samples(self, tag: str | None = None) -> Path | None:
-        """Sample with the EMA weights and a fixed seed (rank 0 only) and save a PNG grid."""
+        """Sample with the `sampling.weights` and a fixed seed (rank 0 only) and save a PNG grid."""
         if self.output_dir is None or not self.trainer.is_global_zero:
             return None
         generator = torch.Generator().manual_seed(int(self.sampling_cfg["seed"]))
-        with self.ema_weights():
+        with self.sampling_weights():
             samples = self.generate(int(self.sampling_cfg["num_samples"]), generator)
         name = tag or f"step_{self.trainer.global_step:06d}"
         path = self.save_samples(samples, Path(self.output_dir) / "samples" / f"{name}.png")

@@ -10,8 +10,10 @@ engine.after_step(optimizer)    # re-mask; every Te steps prune + grow + reset o
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -31,16 +33,44 @@ from sparse_dm.sparsity.schedule import UpdateSchedule
 
 INIT_UPDATE_INDEX = -1  # the generator index used for the initial random masks
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class UpdateReport:
-    """What one exploration did, for logging."""
+    """What one exploration did, for logging. `skipped` names why a due update did not happen."""
 
     step: int
     update_index: int
     drop_fraction: float
     layers: list[LayerUpdate]
     exploration_rate: float
+    skipped: str | None = None
+
+
+class EmptyLayerError(ValueError):
+    """A sparsity budget that leaves a prunable layer without a single active weight."""
+
+
+def check_layer_budget(names: Sequence[str], counts: Sequence[int]) -> None:
+    """Refuse layer counts that cut a layer off entirely (its output would be constant)."""
+    empty = [name for name, count in zip(names, counts, strict=True) if count == 0]
+    if empty:
+        raise EmptyLayerError(
+            f"this sparsity leaves {len(empty)} prunable layer(s) with 0 active weights: {', '.join(empty)}; "
+            "lower `sparsity`, use method.distribution=erk, or keep them dense with method.exclude"
+        )
+
+
+def frozen_layers(
+    names: Sequence[str], counts: Sequence[int], numels: Sequence[int], rate: float
+) -> list[str]:
+    """Sparse layers where floor(p * active) = 0: an update can never replace a weight there."""
+    return [
+        name
+        for name, count, numel in zip(names, counts, numels, strict=True)
+        if count < numel and math.floor(rate * count) == 0
+    ]
 
 
 class SparseEngine:
@@ -61,6 +91,7 @@ class SparseEngine:
         update_interval: int = 100,
         schedule: str = "constant",
         end_step: int | None = None,
+        end_fraction: float | None = None,
         seed: int = 0,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
@@ -68,12 +99,23 @@ class SparseEngine:
         self.weights: list[PrunableWeight] = find_prunable(model, include, exclude)
         self.prune = criteria.get(criteria.PRUNE_CRITERIA, prune, "method.prune")
         self.grow = criteria.get(criteria.GROW_CRITERIA, grow, "method.grow") if grow else None
-        self.schedule = UpdateSchedule(update_interval, prune_rate, schedule, end_step)
+        self.schedule = UpdateSchedule(update_interval, prune_rate, schedule, end_step, end_fraction)
         self.seed = seed
         self.sparsity = sparsity
         self.target_counts = layer_counts(
             [tuple(w.param.shape) for w in self.weights], sparsity, distribution
         )
+        names = [w.name for w in self.weights]
+        numels = [w.param.numel() for w in self.weights]
+        check_layer_budget(names, self.target_counts)
+        if self.grow is not None and (stuck := frozen_layers(names, self.target_counts, numels, prune_rate)):
+            log.warning(
+                "prune_rate=%s replaces no weight in %d layer(s) with fewer than 1/p active weights; "
+                "they keep their initial mask: %s",
+                prune_rate,
+                len(stuck),
+                ", ".join(stuck),
+            )
         generator = update_generator(seed, INIT_UPDATE_INDEX)
         masks = [
             random_mask(w.param.shape, c, generator)
@@ -82,8 +124,10 @@ class SparseEngine:
         register_masks(self.weights, masks)
         self.step = 0
         self.num_updates = 0
+        self.skipped_updates = 0
         self.ever_active: list[Tensor] = [m.clone() for m in masks]
         self._dense_grads: list[Tensor | None] | None = None
+        self._nonfinite_grads = False
 
     @property
     def dynamic(self) -> bool:
@@ -92,28 +136,59 @@ class SparseEngine:
     def update_due(self, step: int) -> bool:
         return self.dynamic and self.schedule.is_update_step(step)
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """Tell the engine how long the run is, so updates stop at method.end_fraction / end_step
+        and never land on the final step."""
+        self.schedule = replace(self.schedule, total_steps=int(total_steps))
+
     @torch.no_grad()
     def before_step(self) -> None:
         """Call when gradients are final (unscaled, accumulated) and before clipping/step. At an
-        update step the dense gradient is kept first, for gradient-based growth."""
-        if self.grow is not None and self.grow.needs_grad and self.update_due(self.step + 1):
-            self._dense_grads = [
-                None if w.param.grad is None else w.param.grad.detach().clone() for w in self.weights
-            ]
+        update step the dense gradient is kept first, for gradient-based growth, and checked for
+        non-finite values (an AMP overflow step: the scaler skips it, the update must too)."""
+        if self.update_due(self.step + 1):
+            grads = [w.param.grad for w in self.weights if w.param.grad is not None]
+            self._nonfinite_grads = bool(grads) and not bool(
+                torch.stack([torch.isfinite(g).all() for g in grads]).all()
+            )
+            if self.grow is not None and self.grow.needs_grad:
+                self._dense_grads = [
+                    None if w.param.grad is None else w.param.grad.detach().clone() for w in self.weights
+                ]
         mask_gradients(self.weights)
 
+    def _skip_reason(self, step_skipped: bool) -> str | None:
+        if step_skipped:
+            return "optimizer step skipped"
+        if self._nonfinite_grads:
+            return "non-finite gradient"
+        if not all(bool(torch.isfinite(w.param).all()) for w in self.weights):
+            return "non-finite weights"
+        return None
+
     @torch.no_grad()
-    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> UpdateReport | None:
+    def after_step(
+        self, optimizer: torch.optim.Optimizer | None = None, step_skipped: bool = False
+    ) -> UpdateReport | None:
         """Call right after `optimizer.step()`. Re-masks weights; on update steps explores and
-        resets the optimizer state of every changed position."""
+        resets the optimizer state of every changed position. A due update is skipped (counted,
+        reported) when the step was skipped or a gradient or weight is non-finite: growth scores
+        would be meaningless and a layer could be pruned without being regrown."""
         self.step += 1
         apply_masks(self.weights)
         if not self.update_due(self.step):
             return None
         assert self.grow is not None
+        drop = self.schedule.drop_fraction(self.step)
+        reason = self._skip_reason(step_skipped)
+        self._nonfinite_grads = False
+        if reason is not None:
+            self._dense_grads = None
+            self.skipped_updates += 1
+            log.warning("mask update at step %d skipped: %s", self.step, reason)
+            return UpdateReport(self.step, self.num_updates, drop, [], self.exploration_rate(), reason)
         if self.grow.needs_grad and self._dense_grads is None:
             raise RuntimeError("gradient growth needs before_step() to run before the optimizer step")
-        drop = self.schedule.drop_fraction(self.step)
         generator = update_generator(self.seed, self.num_updates)
         updates, changed = explore(self.weights, drop, self.prune, self.grow, generator, self._dense_grads)
         self._dense_grads = None
@@ -149,6 +224,7 @@ class SparseEngine:
         return {
             "step": self.step,
             "num_updates": self.num_updates,
+            "skipped_updates": self.skipped_updates,
             "ever_active": [m.cpu() for m in self.ever_active],
         }
 
@@ -168,4 +244,5 @@ class SparseEngine:
         self.check_masks()
         self.step = int(state["step"])
         self.num_updates = int(state["num_updates"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))
         self.ever_active = [m.clone().to(torch.bool) for m in state["ever_active"]]

@@ -36,7 +36,8 @@ def explore(
     dense_grads: Sequence[Tensor | None] | None = None,
 ) -> tuple[list[LayerUpdate], list[Tensor]]:
     """Replace floor(drop_fraction * active) weights per layer; returns per-layer counts and the
-    bool masks of changed positions (pruned or grown).
+    bool masks of changed positions (pruned or grown). Raises if a layer would lose more weights
+    than it regrows (non-finite scores), rather than silently drifting off its exact count.
 
     Growth candidates are the positions inactive before this update, so pruned and grown sets are
     disjoint and every update really explores. Grown weights are set to 0 (RigL convention).
@@ -54,11 +55,18 @@ def explore(
         keep = top_k_mask(keep_scores, mask, active - k)
         grow_scores = grow.score(weight.param, grad, mask, generator)
         grown = top_k_mask(grow_scores, ~mask, k)
+        pruned, regrown = active - int(keep.sum()), int(grown.sum())
+        if not pruned == regrown == k:
+            raise RuntimeError(
+                f"mask update of {weight.name} would prune {pruned} and grow {regrown} weights (expected "
+                f"{k} each): its prune or grow scores are not finite; this layer and the ones after it "
+                "were left unchanged"
+            )
         new_mask = keep | grown
         changed.append(new_mask ^ mask)
         weight.param.data.masked_fill_(grown, 0.0)
         weight.set_mask(new_mask)
-        updates.append(LayerUpdate(weight.name, pruned=active - int(keep.sum()), grown=int(grown.sum())))
+        updates.append(LayerUpdate(weight.name, pruned=pruned, grown=regrown))
     apply_masks(weights)
     return updates, changed
 

@@ -90,11 +90,13 @@ def cost_summary(
     update_interval: int | None,
     dense_grad_updates: bool,
     convention: str = "paper",
+    update_window: float = 1.0,
 ) -> dict:
     """The cost figures of summary.json / cost.json.
 
     train = 3 x forward x steps (paper); RigL adds its dense gradient at each update step:
-    (3 f_S Te + 2 f_S + f_D) / (Te + 1) per step. `per_sample` multiplies by the batch (RigL papers).
+    (3 f_S Te + 2 f_S + f_D) / (Te + 1) per step while updates happen (`update_window`: the fraction
+    of training before the last update), 3 f_S after. `per_sample` multiplies by the batch (RigL papers).
     `train_steps=None` (unknown training-set size) leaves the absolute train FLOPs null.
     """
     if convention not in CONVENTIONS:
@@ -103,7 +105,8 @@ def cost_summary(
     f_sparse = forward_flops(weight_uses, active)
     if dense_grad_updates and update_interval:
         te = update_interval
-        per_step = (3 * f_sparse * te + 2 * f_sparse + f_dense) / (te + 1)
+        updating = (3 * f_sparse * te + 2 * f_sparse + f_dense) / (te + 1)
+        per_step = update_window * updating + (1.0 - update_window) * 3 * f_sparse
     else:
         per_step = 3 * f_sparse
     scale = None if train_steps is None else train_steps * (batch_size if convention == "per_sample" else 1)

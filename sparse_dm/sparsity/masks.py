@@ -103,14 +103,16 @@ def register_masks(weights: Sequence[PrunableWeight], masks: Sequence[Tensor]) -
 
 @torch.no_grad()
 def apply_masks(weights: Sequence[PrunableWeight]) -> None:
-    """Zero every weight outside its mask (one fused foreach kernel)."""
-    torch._foreach_mul_([w.param.data for w in weights], [w.mask for w in weights])
+    """Set every weight outside its mask to exactly 0. `masked_fill_`, not multiplication: a NaN or
+    inf outside the mask must not survive (`nan * False` is nan)."""
+    for weight in weights:
+        weight.param.data.masked_fill_(~weight.mask, 0.0)
 
 
 @torch.no_grad()
 def mask_gradients(weights: Sequence[PrunableWeight]) -> None:
-    """Zero the gradients of inactive weights so they neither move weights nor count in clipping."""
-    pairs = [(w.param.grad, w.mask) for w in weights if w.param.grad is not None]
-    if pairs:
-        grads, masks = zip(*pairs, strict=True)
-        torch._foreach_mul_(list(grads), list(masks))
+    """Zero the gradients of inactive weights so they neither move weights nor count in clipping
+    (non-finite values at inactive positions included)."""
+    for weight in weights:
+        if weight.param.grad is not None:
+            weight.param.grad.masked_fill_(~weight.mask, 0.0)

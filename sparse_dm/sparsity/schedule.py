@@ -11,13 +11,19 @@ SCHEDULES = ("constant", "cosine")
 @dataclass(frozen=True)
 class UpdateSchedule:
     """Mask updates every `interval` optimizer steps (the paper's Te), replacing `prune_rate` (p) of
-    each layer's active weights: constant (the paper) or cosine-decayed to 0 at `end_step` (RigL).
-    No update at step 0 or at/after `end_step`."""
+    each layer's active weights: constant (the paper) or cosine-decayed to 0 at the stop step (RigL).
+
+    Updates stop at `stop_step`: the earliest of an explicit `end_step`, `floor(end_fraction *
+    total_steps)` (RigL stops at 75% of training) and the final step itself, so a run never ends
+    on weights that an update has just set to zero. `total_steps` is known once training starts.
+    """
 
     interval: int
     prune_rate: float
     kind: str = "constant"
     end_step: int | None = None
+    end_fraction: float | None = None
+    total_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.interval < 1:
@@ -26,16 +32,40 @@ class UpdateSchedule:
             raise ValueError(f"prune_rate must be in [0, 1], got {self.prune_rate}")
         if self.kind not in SCHEDULES:
             raise ValueError(f"method.schedule must be one of {SCHEDULES}, got {self.kind!r}")
-        if self.kind == "cosine" and (self.end_step is None or self.end_step < 1):
-            raise ValueError("method.end_step must be a positive step count for the cosine schedule")
+        if self.end_step is not None and self.end_step < 1:
+            raise ValueError(f"method.end_step must be null or >= 1, got {self.end_step}")
+        if self.end_fraction is not None and not 0.0 < self.end_fraction <= 1.0:
+            raise ValueError(f"method.end_fraction must be null or in (0, 1], got {self.end_fraction}")
+        if self.kind == "cosine" and self.end_step is None and self.end_fraction is None:
+            raise ValueError(
+                "the cosine schedule decays to 0 at the stop step: set method.end_fraction or end_step"
+            )
+
+    @property
+    def stop_step(self) -> int | None:
+        """The first optimizer step with no update (None: unknown run length and no end set)."""
+        by_fraction = None
+        if self.end_fraction is not None and self.total_steps is not None:
+            by_fraction = math.floor(self.end_fraction * self.total_steps)
+        candidates = [s for s in (self.end_step, by_fraction, self.total_steps) if s is not None]
+        return min(candidates) if candidates else None
 
     def is_update_step(self, step: int) -> bool:
         """`step` counts completed optimizer steps (1 after the first step)."""
         if step <= 0 or step % self.interval:
             return False
-        return self.end_step is None or step < self.end_step
+        stop = self.stop_step
+        return stop is None or step < stop
+
+    def num_updates(self) -> int | None:
+        """Updates in the whole run (None while the run length is unknown)."""
+        stop = self.stop_step
+        return None if stop is None else (stop - 1) // self.interval
 
     def drop_fraction(self, step: int) -> float:
         if self.kind == "constant":
             return self.prune_rate
-        return self.prune_rate * 0.5 * (1.0 + math.cos(math.pi * min(step, self.end_step) / self.end_step))
+        stop = self.stop_step
+        if stop is None:
+            raise RuntimeError("the cosine schedule needs the run length: call set_total_steps() first")
+        return self.prune_rate * 0.5 * (1.0 + math.cos(math.pi * min(step, stop) / stop))
