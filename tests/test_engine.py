@@ -146,7 +146,7 @@ def test_gradients_of_inactive_weights_are_zeroed_before_clipping():
 
 
 def test_weights_are_remasked_after_the_step_even_if_the_optimizer_moved_them():
-    net, engine, _ = make(SmallConvNet, "static")
+    _, engine, _ = make(SmallConvNet, "static")
     with torch.no_grad():
         for i, weight in enumerate(engine.weights):  # an optimizer that ignores masks, and a NaN
             weight.param.add_(1.0)
