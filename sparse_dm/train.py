@@ -79,6 +79,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     module, datamodule, engine = build_run(cfg)
+    datamodule.setup("fit")  # bad data fails here, naming file/split/index, before any checkpoint
     module.output_dir = output_dir
     cost = compute_cost(cfg, module)
     callbacks: list[L.Callback] = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
