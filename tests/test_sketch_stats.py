@@ -26,11 +26,13 @@ def test_exact_values_on_hand_built_drawings() -> None:
 
 
 def test_sample_pens_are_thresholded_like_strokes() -> None:
-    sample = torch.tensor([[0.0, 0.0, 0.1], [1.0, 1.0, 0.7], [1.0, 0.0, 0.2], [0.0, 1.0, 0.9]])
+    sample = torch.tensor([[0.0, 0.0, 0.1], [1.0, 1.0, 0.75], [1.0, 0.0, 0.2], [0.0, 1.0, 0.9]])
     low, high = sketch_stats([sample], 0.5), sketch_stats([sample], 0.8)
     assert (low["strokes_per_drawing"], low["pen_up_rate"]) == (2.0, 0.5)
     assert (high["strokes_per_drawing"], high["pen_up_rate"]) == (1.0, 0.25)
     assert low["one_point_stroke_fraction"] == high["one_point_stroke_fraction"] == 0.0
+    at = sketch_stats([sample], 0.75)  # a pen exactly at the threshold lifts, as in deltas_to_strokes
+    assert (at["strokes_per_drawing"], at["pen_up_rate"]) == (2.0, 0.5)
 
 
 def test_single_point_drawings_are_one_point_strokes() -> None:

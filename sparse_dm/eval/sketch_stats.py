@@ -19,9 +19,11 @@ STAT_NAMES = ("strokes_per_drawing", "one_point_stroke_fraction", "pen_up_rate",
 
 
 def _as_array(drawing: np.ndarray | Tensor) -> np.ndarray:
+    """float32, the dtype data and samples live in, so pens compare with the threshold exactly as
+    `deltas_to_strokes` compares them."""
     if isinstance(drawing, Tensor):
-        return drawing.detach().cpu().double().numpy()
-    return np.asarray(drawing, dtype=np.float64)
+        return drawing.detach().cpu().float().numpy()
+    return np.asarray(drawing, dtype=np.float32)
 
 
 def sketch_stats(drawings: Sequence[np.ndarray | Tensor], pen_threshold: float) -> dict[str, float]:
@@ -43,5 +45,5 @@ def sketch_stats(drawings: Sequence[np.ndarray | Tensor], pen_threshold: float) 
         "strokes_per_drawing": num_strokes / len(arrays),
         "one_point_stroke_fraction": one_point / num_strokes,
         "pen_up_rate": float(np.mean(points[:, 2] >= pen_threshold)),
-        "delta_std": float(np.std(points[:, :2])),
+        "delta_std": float(np.std(points[:, :2], dtype=np.float64)),
     }
