@@ -374,9 +374,12 @@ class Stroke3DataModule(L.LightningDataModule):
         return self.datasets["valid"].lengths()
 
     def heldout_drawings(self, num: int) -> list[Tensor]:
-        """The first `num` validation drawings as normalised deltas (data side of sketch statistics)."""
+        """`num` validation drawings, evenly spaced over the split (so merged categories are all
+        represented), as normalised deltas: the data side of sketch statistics."""
         self.setup()
-        return self.datasets["valid"].drawings[:num]
+        drawings = self.datasets["valid"].drawings
+        index = torch.linspace(0, len(drawings) - 1, min(num, len(drawings))).round().long()
+        return [drawings[i] for i in index.tolist()]
 
     def _loader(self, split: str, batch_size: int) -> DataLoader:
         self.setup()
