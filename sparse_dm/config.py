@@ -7,6 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sparse_dm.data.stroke3 import TOO_LONG_POLICIES
 from sparse_dm.sparsity.criteria import GROW_CRITERIA, PRUNE_CRITERIA
 from sparse_dm.sparsity.distributions import DISTRIBUTIONS
 from sparse_dm.sparsity.ema import MASK_UPDATE_POLICIES
@@ -81,6 +82,16 @@ def validate(cfg: DictConfig) -> None:
     _check(
         cfg, "dataset.num_train", lambda v: _is_int(v) and v >= 1, "null or an integer >= 1", optional=True
     )
+    _check(cfg, "dataset.max_len", lambda v: _is_int(v) and v >= 2, "an integer >= 2", optional=True)
+    _check(
+        cfg,
+        "dataset.too_long",
+        lambda v: v in TOO_LONG_POLICIES,
+        f"one of {TOO_LONG_POLICIES}",
+        optional=True,
+    )
+    if "nonfinite" in cfg:  # absent from run configs saved before it existed (evaluate re-reads those)
+        _check(cfg, "nonfinite.max_consecutive_losses", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     _check(cfg, "model.optimizer.lr", lambda v: _is_number(v) and v > 0, "a number > 0")
     _check(cfg, "model.optimizer.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0")
     _check(cfg, "model.ema.decay", lambda v: _is_number(v) and 0.0 <= v < 1.0, "a number in [0, 1)")

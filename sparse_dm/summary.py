@@ -68,6 +68,24 @@ def build_summary(
     return summary
 
 
+def _finite_or_none(stats: dict[str, float] | None) -> dict[str, float | None] | None:
+    return None if stats is None else {k: (v if math.isfinite(v) else None) for k, v in stats.items()}
+
+
+def sketch_stats_entry(module: torch.nn.Module) -> dict:
+    """`sketch_stats` ({samples, data, ...}) for modules that compute them (ChiroDiff), else {}."""
+    record = getattr(module, "sketch_stats_record", None)
+    if record is None:
+        return {}
+    return {
+        "sketch_stats": {
+            **record,
+            "samples": _finite_or_none(record["samples"]),
+            "data": _finite_or_none(record["data"]),
+        }
+    }
+
+
 def write_summary(path: Path, summary: dict) -> Path:
     """Write (or merge into) summary.json; later writers such as evaluate add keys."""
     existing = json.loads(path.read_text()) if path.exists() else {}

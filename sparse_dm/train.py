@@ -22,10 +22,11 @@ from sparse_dm.cost import active_counts, compute_cost
 from sparse_dm.lightning.diffusion_module import DiffusionModule
 from sparse_dm.lightning.dst_callback import DSTCallback
 from sparse_dm.lightning.fidelity_callback import FidelityCallback
+from sparse_dm.lightning.nonfinite_guard import NonFiniteLossGuard, check_final_metric
 from sparse_dm.lightning.rng_state import RNGStateCallback
 from sparse_dm.lightning.wandb_logging import build_loggers, finish_loggers
 from sparse_dm.sparsity.engine import EmptyLayerError, SparseEngine, check_layer_budget
-from sparse_dm.summary import build_summary, write_summary
+from sparse_dm.summary import build_summary, sketch_stats_entry, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     module, datamodule, engine = build_run(cfg)
+    datamodule.setup("fit")  # bad data fails here, naming file/split/index, before any checkpoint
     module.output_dir = output_dir
     cost = compute_cost(cfg, module)
     callbacks: list[L.Callback] = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks.append(RNGStateCallback())
     if engine is not None:
         callbacks.append(DSTCallback(engine))
+    callbacks.append(NonFiniteLossGuard(int(cfg.nonfinite.max_consecutive_losses)))
     loggers = build_loggers(cfg, output_dir)
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(output_dir)
@@ -113,14 +116,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if module.last_validated_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
             module.write_samples()
+        metrics.update(_metrics(trainer))
+        check_final_metric(metrics)  # never "succeed" with a NaN or missing final val/loss
     except BaseException:
         finish_loggers(loggers, "failed")
         raise
-    metrics.update(_metrics(trainer))
     checkpoints = sorted(str(p) for p in (output_dir / "checkpoints").glob("*.ckpt"))
     summary = build_summary(
         cfg, cost, module.net, engine, metrics, module.sample_paths, checkpoints, time.perf_counter() - start
     )
+    summary.update(sketch_stats_entry(module))
     fidelity = next((c for c in callbacks if isinstance(c, FidelityCallback)), None)
     if fidelity is not None:
         summary["fid_curve"] = [dict(record) for record in fidelity.history]

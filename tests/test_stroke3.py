@@ -191,14 +191,23 @@ def test_pen_threshold_controls_stroke_splits() -> None:
     assert [len(s) for s in deltas_to_strokes(deltas, 0.8)] == [4]
 
 
-def test_too_long_drawings_are_dropped_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+def test_too_long_drawings_are_dropped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(1)
     items = [random_drawing(rng, n) for n in (5, 10, 9, 3)]
-    with caplog.at_level("INFO"):
+    with caplog.at_level("WARNING"):
         kept, index = preprocess_drawings(items, max_len=9, scale=SCALE, source="unit")
     assert [len(k) for k in kept] == [5, 3]
     np.testing.assert_array_equal(index, [0, 3])
-    assert "dropped 2 of 4" in caplog.text
+    assert "unit: dropped 2 of 4 drawings with >= 9 points (dataset.max_len; indices [1, 2])" in caplog.text
+
+
+def test_too_long_drawings_can_be_refused() -> None:
+    rng = np.random.default_rng(1)
+    items = [random_drawing(rng, n) for n in (5, 10, 9, 3)]
+    with pytest.raises(
+        ValueError, match=r"unit: drawing 1 has 10 points, limit dataset\.max_len=9 \(2 drawings"
+    ):
+        preprocess_drawings(items, max_len=9, scale=SCALE, source="unit", too_long="refuse")
 
 
 def test_collate_pads_with_masks() -> None:
@@ -292,3 +301,84 @@ def test_a_corrupt_file_is_refused_with_its_name(tmp_path):
     path.write_bytes(b"not a zip archive at all")
     with pytest.raises(ValueError, match=r"corrupt\.npz is not a valid \.npz"):
         load_npz_arrays(path)
+
+
+# --- data checks at load: bad files are refused naming file, split and index -----------------
+
+
+def with_bad_drawing(drawing: np.ndarray) -> dict[str, list[np.ndarray]]:
+    """Valid splits, except that valid drawing 1 is replaced by `drawing`."""
+    rng = np.random.default_rng(7)
+    splits = {name: [random_drawing(rng, 6) for _ in range(3)] for name in ("train", "valid", "test")}
+    splits["valid"][1] = drawing
+    return splits
+
+
+def save_npz(path: Path, splits: dict[str, list[np.ndarray]]) -> Path:
+    np.savez(path, **{k: object_array(v) for k, v in splits.items()})
+    return path
+
+
+GOOD = np.array([[1.0, 2.0, 0.0], [3.0, -1.0, 0.0], [0.0, 4.0, 1.0]])
+
+
+def replaced(row: int, col: int, value: float) -> np.ndarray:
+    out = GOOD.copy()
+    out[row, col] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    ("drawing", "reason"),
+    [
+        (replaced(1, 0, np.nan), r"non-finite values \(NaN/inf\) in 1 row\(s\), first at row 1"),
+        (replaced(2, 1, -np.inf), r"non-finite values \(NaN/inf\) in 1 row\(s\), first at row 2"),
+        (GOOD[:, :2], r"expected an \(n, 3\) stroke-3 array .* \(3, 2\)"),
+        (np.zeros((2, 3, 1)), r"expected an \(n, 3\) stroke-3 array"),
+        (replaced(0, 2, 2.0), r"pen bits must be 0 or 1, got 2.0 at row 0"),
+        (replaced(1, 2, 0.5), r"pen bits must be 0 or 1, got 0.5 at row 1"),
+        (np.zeros((0, 3)), "the drawing has no points"),
+    ],
+)
+def test_bad_drawings_are_refused_naming_file_split_and_index(
+    tmp_path: Path, drawing: np.ndarray, reason: str
+) -> None:
+    path = save_npz(tmp_path / "sketches.npz", with_bad_drawing(drawing))
+    with pytest.raises(ValueError, match=rf"sketches\.npz \[split valid, drawing 1\]: {reason}"):
+        load_stroke3_npz(path)
+    with pytest.raises(ValueError, match=r"split valid, drawing 1"):
+        Stroke3DataModule(str(path)).setup()
+
+
+def test_good_drawing_passes_the_checks(tmp_path: Path) -> None:
+    path = save_npz(tmp_path / "sketches.npz", with_bad_drawing(GOOD))
+    np.testing.assert_array_equal(load_stroke3_npz(path)["valid"][1], GOOD.astype(np.float32))
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_an_empty_split_is_refused(tmp_path: Path, split: str) -> None:
+    splits = with_bad_drawing(GOOD)
+    splits[split] = []
+    path = save_npz(tmp_path / "sketches.npz", splits)
+    dm = Stroke3DataModule(str(path))
+    with pytest.raises(ValueError, match=rf"sketches\.npz \[split {split}\]: no drawings to use \(0 loaded"):
+        dm.setup()
+
+
+def test_a_split_emptied_by_max_len_is_refused(tmp_path: Path) -> None:
+    path = save_npz(tmp_path / "sketches.npz", with_bad_drawing(GOOD))
+    with pytest.raises(
+        ValueError,
+        match=r"\[split train\]: no drawings to use \(3 loaded, 3 dropped with >= dataset\.max_len=3",
+    ):
+        Stroke3DataModule(str(path), max_len=3).setup()
+
+
+def test_ndjson_errors_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "cat.ndjson"
+    write_ndjson(path, 9, seed=6)
+    lines = path.read_text().splitlines()
+    lines[4] = json.dumps({"drawing": [[[1, float("nan")], [2, 3]]]})  # Python's json writes NaN
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"cat\.ndjson \[split \w+, drawing \d+, line 5\]: non-finite"):
+        load_ndjson(path, (3, 3, 3), seed=0)

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sparse_dm.data.stroke3 import SPLITS, Stroke3DataModule, load_stroke3_npz, resolve_data_path
+from sparse_dm.data.stroke3 import (
+    SPLITS,
+    Stroke3DataModule,
+    check_drawing,
+    load_stroke3_npz,
+    resolve_data_path,
+)
 
 
 def strokes_to_stroke3(strokes: Sequence[Sequence[Sequence[float]]]) -> np.ndarray:
@@ -40,14 +46,21 @@ def strokes_to_stroke3(strokes: Sequence[Sequence[Sequence[float]]]) -> np.ndarr
 
 def load_ndjson(path: str | Path, sizes: Sequence[int], seed: int) -> dict[str, list[np.ndarray]]:
     """Fixed train/valid/test splits of an `.ndjson` file: shuffle line order with `seed`, then take
-    `sizes` drawings per split (fewer if the file is short; the held-out splits are filled first)."""
+    `sizes` drawings per split (fewer if the file is short; the held-out splits are filled first).
+    Each drawing is checked (`check_drawing`); errors name the file, split, index and line."""
     lines = Path(path).read_text().splitlines()
     order = np.random.default_rng(seed).permutation(len(lines))
     n_train, n_valid, n_test = sizes
     valid, test = order[:n_valid], order[n_valid : n_valid + n_test]
     train = order[n_valid + n_test : n_valid + n_test + n_train]
     return {
-        split: [strokes_to_stroke3(json.loads(lines[i])["drawing"]) for i in index]
+        split: [
+            check_drawing(
+                strokes_to_stroke3(json.loads(lines[i])["drawing"]),
+                f"{path} [split {split}, drawing {j}, line {i + 1}]",
+            )
+            for j, i in enumerate(index)
+        ]
         for split, index in zip(SPLITS, (train, valid, test), strict=True)
     }
 
@@ -71,8 +84,11 @@ class QuickDrawDataModule(Stroke3DataModule):
         val_batch_size: int | None = None,
         name: str = "quickdraw",
         seed: int = 0,
+        too_long: str = "drop",
     ) -> None:
-        super().__init__(root, batch_size, num_workers, max_len, scale, num_train, val_batch_size, name, seed)
+        super().__init__(
+            root, batch_size, num_workers, max_len, scale, num_train, val_batch_size, name, seed, too_long
+        )
         if not categories:
             raise ValueError("dataset.categories must name at least one QuickDraw category")
         self.root = root
@@ -81,6 +97,9 @@ class QuickDrawDataModule(Stroke3DataModule):
         self.conditional = conditional
         self.ndjson_split = tuple(ndjson_split)
         self.split_seed = split_seed
+
+    def describe_source(self) -> str:
+        return f"{self.root} (categories {self.categories})"
 
     def category_file(self, category: str) -> Path:
         return resolve_data_path(Path(self.root) / self.file_pattern.format(category=category))

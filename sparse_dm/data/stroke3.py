@@ -45,6 +45,8 @@ DATA_CHANNELS = 3  # deltas: (dx, dy, pen)
 FEATURE_CHANNELS = 5  # denoiser features: (x, y, dx, dy, pen)
 _LATIN1_NAMES = {"latin1", "latin-1", "iso-8859-1", "iso8859-1"}
 _BINARY_PEN_THRESHOLD = 0.5  # stored pen bits are exactly 0 or 1
+TOO_LONG_POLICIES = ("drop", "refuse")  # what happens to drawings with >= max_len points
+_LOGGED_INDICES = 10  # how many dropped indices a warning lists
 
 
 class UnsafePickleError(ValueError):
@@ -121,24 +123,45 @@ def load_npz_arrays(path: str | Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _as_drawing(item: object, source: str) -> np.ndarray:
-    if not isinstance(item, np.ndarray) or item.ndim != 2 or item.shape[1] != 3:
+def check_drawing(item: object, source: str) -> np.ndarray:
+    """One stroke-3 drawing as float32 (n, 3), or a ValueError naming `source` (file, split, index):
+    at least one point, exactly 3 numeric columns, finite values, pen bits exactly 0 or 1."""
+    if not isinstance(item, np.ndarray) or item.ndim != 2 or item.shape[1] != DATA_CHANNELS:
         raise ValueError(
-            f"{source}: expected (n, 3) stroke-3 arrays, got {type(item).__name__} "
+            f"{source}: expected an (n, 3) stroke-3 array (dx, dy, pen), got {type(item).__name__} "
             f"{getattr(item, 'shape', '')}"
         )
     if not (np.issubdtype(item.dtype, np.integer) or np.issubdtype(item.dtype, np.floating)):
         raise ValueError(f"{source}: stroke-3 arrays must be numeric, got dtype {item.dtype}")
-    return item.astype(np.float32)
+    if len(item) == 0:
+        raise ValueError(f"{source}: the drawing has no points")
+    drawing = item.astype(np.float32)
+    bad_rows = np.flatnonzero(~np.isfinite(drawing).all(axis=1))
+    if len(bad_rows):
+        raise ValueError(
+            f"{source}: non-finite values (NaN/inf) in {len(bad_rows)} row(s), first at row {bad_rows[0]}: "
+            f"{drawing[bad_rows[0]].tolist()}"
+        )
+    bad_pens = np.flatnonzero((drawing[:, 2] != 0) & (drawing[:, 2] != 1))
+    if len(bad_pens):
+        raise ValueError(
+            f"{source}: pen bits must be 0 or 1, got {drawing[bad_pens[0], 2]} at row {bad_pens[0]} "
+            f"({len(bad_pens)} such rows)"
+        )
+    return drawing
 
 
 def load_stroke3_npz(path: str | Path, splits: Sequence[str] = SPLITS) -> dict[str, list[np.ndarray]]:
-    """The named splits of a sketch-rnn `.npz` as lists of float32 (n, 3) stroke-3 arrays."""
+    """The named splits of a sketch-rnn `.npz` as lists of float32 (n, 3) stroke-3 arrays, each
+    checked by `check_drawing` (errors name the file, split and index)."""
     arrays = load_npz_arrays(path)
     missing = [s for s in splits if s not in arrays]
     if missing:
         raise KeyError(f"{path}: missing split(s) {missing}; found {sorted(arrays)}")
-    return {s: [_as_drawing(d, f"{path} [{s}]") for d in arrays[s]] for s in splits}
+    return {
+        s: [check_drawing(d, f"{path} [split {s}, drawing {i}]") for i, d in enumerate(arrays[s])]
+        for s in splits
+    }
 
 
 def resolve_data_path(path: str | Path) -> Path:
@@ -211,16 +234,33 @@ def stroke3_to_strokes(stroke3: np.ndarray) -> list[np.ndarray]:
 
 
 def preprocess_drawings(
-    drawings: Sequence[np.ndarray], max_len: int, scale: float, source: str = ""
+    drawings: Sequence[np.ndarray], max_len: int, scale: float, source: str = "", too_long: str = "drop"
 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Drop drawings with >= max_len points (count logged), normalise the rest to deltas.
+    """Normalise drawings to deltas; drawings with >= max_len points are dropped (`too_long="drop"`,
+    logged as a warning with the count and the first indices) or refused (`"refuse"`).
 
     Returns the kept drawings and the indices they came from (to keep labels aligned).
     """
-    keep = np.array([i for i, d in enumerate(drawings) if 0 < len(d) < max_len], dtype=np.int64)
-    dropped = len(drawings) - len(keep)
-    if dropped:
-        log.info("%s: dropped %d of %d drawings with >= %d points", source, dropped, len(drawings), max_len)
+    if too_long not in TOO_LONG_POLICIES:
+        raise ValueError(f"too_long={too_long!r}; allowed: {TOO_LONG_POLICIES}")
+    long_index = [i for i, d in enumerate(drawings) if len(d) >= max_len]
+    if long_index and too_long == "refuse":
+        first = long_index[0]
+        raise ValueError(
+            f"{source}: drawing {first} has {len(drawings[first])} points, limit dataset.max_len={max_len} "
+            f"({len(long_index)} drawings too long); raise max_len or set dataset.too_long=drop"
+        )
+    if long_index:
+        log.warning(
+            "%s: dropped %d of %d drawings with >= %d points (dataset.max_len; indices %s%s)",
+            source,
+            len(long_index),
+            len(drawings),
+            max_len,
+            long_index[:_LOGGED_INDICES],
+            " ..." if len(long_index) > _LOGGED_INDICES else "",
+        )
+    keep = np.setdiff1d(np.arange(len(drawings)), long_index).astype(np.int64)
     return [stroke3_to_deltas(drawings[i], scale) for i in keep], keep
 
 
@@ -266,8 +306,10 @@ def collate_stroke3(items: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
 class Stroke3DataModule(L.LightningDataModule):
     """Any sketch-rnn style `.npz` with train/valid/test splits (the file's own, fixed splits).
 
-    `num_train` keeps the first n training drawings (null = all). `length_pool()` exposes the
-    validation lengths, which ChiroDiff sampling draws its sequence lengths from.
+    `num_train` keeps the first n training drawings (null = all). Every drawing is checked at load
+    (`check_drawing`); drawings with >= `max_len` points are dropped or refused (`too_long`); a split
+    left empty is refused. `length_pool()` exposes the validation lengths, which ChiroDiff sampling
+    draws its sequence lengths from.
     """
 
     def __init__(
@@ -281,6 +323,7 @@ class Stroke3DataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         name: str = "stroke3",
         seed: int = 0,
+        too_long: str = "drop",
     ) -> None:
         super().__init__()
         self.name = name
@@ -289,6 +332,7 @@ class Stroke3DataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.max_len = max_len
+        self.too_long = too_long
         self.scale = scale
         self.num_train = num_train
         self.val_batch_size = val_batch_size or batch_size
@@ -301,11 +345,21 @@ class Stroke3DataModule(L.LightningDataModule):
         splits["train"] = splits["train"][: self.num_train]
         return {s: (d, None) for s, d in splits.items()}
 
+    def describe_source(self) -> str:
+        """Where the drawings come from, for error messages and logs."""
+        return str(self.path)
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         for split, (drawings, labels) in self.load_splits().items():
-            kept, index = preprocess_drawings(drawings, self.max_len, self.scale, f"{self.path} [{split}]")
+            source = f"{self.describe_source()} [split {split}]"
+            kept, index = preprocess_drawings(drawings, self.max_len, self.scale, source, self.too_long)
+            if not kept:
+                raise ValueError(
+                    f"{source}: no drawings to use ({len(drawings)} loaded, {len(drawings) - len(kept)} "
+                    f"dropped with >= dataset.max_len={self.max_len} points); every split must be non-empty"
+                )
             kept_labels = None if labels is None else [labels[i] for i in index]
             self.datasets[split] = Stroke3Dataset(kept, kept_labels)
 
@@ -318,6 +372,14 @@ class Stroke3DataModule(L.LightningDataModule):
         """Lengths of the held-out (validation) drawings."""
         self.setup()
         return self.datasets["valid"].lengths()
+
+    def heldout_drawings(self, num: int) -> list[Tensor]:
+        """`num` validation drawings, evenly spaced over the split (so merged categories are all
+        represented), as normalised deltas: the data side of sketch statistics."""
+        self.setup()
+        drawings = self.datasets["valid"].drawings
+        index = torch.linspace(0, len(drawings) - 1, min(num, len(drawings))).round().long()
+        return [drawings[i] for i in index.tolist()]
 
     def _loader(self, split: str, batch_size: int) -> DataLoader:
         self.setup()

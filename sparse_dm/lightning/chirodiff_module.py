@@ -3,6 +3,10 @@
 Sampling draws each sample's length from a pool of real held-out drawing lengths (the validation
 split of the datamodule, picked up in `setup`; kept in checkpoints), runs the configured sampler on
 packed sequences, and splits strokes where the pen channel reaches `sampling.pen_threshold`.
+
+Every sample grid also yields sketch statistics (`sparse_dm.eval.sketch_stats`) of the samples and
+of as many held-out drawings, both in the normalised delta units the model generates in; they go to
+the loggers (`sketch/*`, `sketch_data/*`) and, via `sketch_stats_record`, into summary.json.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor, nn
 
 from sparse_dm.data.stroke3 import DATA_CHANNELS, deltas_to_strokes
 from sparse_dm.eval.rasterise import save_grid_png
+from sparse_dm.eval.sketch_stats import sketch_stats
 from sparse_dm.lightning.diffusion_module import DiffusionBatch, DiffusionModule
 
 LENGTH_POOL_KEY = "chirodiff_length_pool"
@@ -43,6 +48,8 @@ class ChiroDiffModule(DiffusionModule):
         class_embed = getattr(net, "class_embed", None)
         self.num_classes = None if class_embed is None else class_embed.num_embeddings
         self.register_buffer("length_pool", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.sample_stats: dict[str, float] | None = None
+        self.data_stats: dict[str, float] | None = None
 
     # ----- length pool ----------------------------------------------------------------------
     def set_length_pool(self, lengths: Tensor) -> None:
@@ -53,6 +60,9 @@ class ChiroDiffModule(DiffusionModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if len(self.length_pool) == 0 and hasattr(datamodule, "length_pool"):
             self.set_length_pool(datamodule.length_pool())
+        if self.data_stats is None and hasattr(datamodule, "heldout_drawings"):
+            drawings = datamodule.heldout_drawings(int(self.sampling_cfg["num_samples"]))
+            self.data_stats = sketch_stats(drawings, self.pen_threshold)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[LENGTH_POOL_KEY] = self.length_pool.cpu()
@@ -116,12 +126,41 @@ class ChiroDiffModule(DiffusionModule):
         x0 = self.sample_with(eps_fn, x_T.to(self.device), generator, **overrides).cpu()
         return [x0[i, :n] for i, n in enumerate(lengths.tolist())]
 
+    @property
+    def pen_threshold(self) -> float:
+        return float(self.sampling_cfg["pen_threshold"])
+
     def save_samples(self, samples: list[Tensor], path: Path) -> Path:
-        """Render a PNG grid; one column per class for conditional nets, else square-ish."""
-        threshold = float(self.sampling_cfg["pen_threshold"])
-        drawings = [deltas_to_strokes(s, threshold) for s in samples]
+        """Render a PNG grid (one column per class for conditional nets, else square-ish) and keep
+        the sketch statistics of what was rendered in `sample_stats`."""
+        self.sample_stats = sketch_stats(samples, self.pen_threshold)
+        drawings = [deltas_to_strokes(s, self.pen_threshold) for s in samples]
         ncols = self.num_classes or math.ceil(math.sqrt(len(drawings)))
         return save_grid_png(drawings, path, ncols, **self.render_cfg)
+
+    @torch.no_grad()
+    def write_samples(self, tag: str | None = None) -> Path | None:
+        """The base class's sample grid, plus its sketch statistics (and the data's) sent to the
+        loggers at the current step."""
+        path = super().write_samples(tag)
+        if path is not None:
+            metrics = {f"sketch/{k}": v for k, v in (self.sample_stats or {}).items()}
+            metrics.update({f"sketch_data/{k}": v for k, v in (self.data_stats or {}).items()})
+            for logger in self.trainer.loggers:
+                logger.log_metrics(metrics, step=self.trainer.global_step)
+        return path
+
+    @property
+    def sketch_stats_record(self) -> dict[str, Any] | None:
+        """summary.json's `sketch_stats`: the last sample grid's statistics beside the data's."""
+        if self.sample_stats is None:
+            return None
+        return {
+            "samples": self.sample_stats,
+            "data": self.data_stats,
+            "num_drawings": int(self.sampling_cfg["num_samples"]),
+            "pen_threshold": self.pen_threshold,
+        }
 
     def example_net_inputs(self, batch_size: int = 1) -> tuple:
         """(x_t, t[, lengths=None, labels]) of length `cost_seq_len` on self.net's device (meta ok).
