@@ -199,6 +199,10 @@ class TensorImageDataset(Dataset):
             item["label"] = self.labels[i]
         return item
 
+    def fingerprint(self) -> str:
+        """The exact tensor content (names in-memory reference sets for FID statistics caches)."""
+        return hashlib.sha256(self.data.contiguous().numpy().tobytes()).hexdigest()[:16]
+
 
 class ImageDataModule(L.LightningDataModule):
     """Train/val image folders with the paper's splits, CompVis augmentation and optional latent caching.
