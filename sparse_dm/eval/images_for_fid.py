@@ -51,7 +51,8 @@ def samples_to_images(module: DiffusionModule, samples: Any) -> torch.Tensor:
 def _reference_dataset(datamodule: Any) -> Dataset:
     """The unaugmented training images (no flips / random crops), as the datamodule exposes them."""
     datamodule.setup("fit")
-    return getattr(datamodule, "reference_set", None) or datamodule.train_set
+    reference = getattr(datamodule, "reference_set", None)
+    return datamodule.train_set if reference is None else reference
 
 
 def _digest(*parts: object) -> str:
