@@ -8,6 +8,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm.data.stroke3 import TOO_LONG_POLICIES
+from sparse_dm.diffusion.samplers import COMPVIS_MIN_STRIDE, DISCRETIZATIONS
 from sparse_dm.sparsity.criteria import GROW_CRITERIA, PRUNE_CRITERIA
 from sparse_dm.sparsity.distributions import DISTRIBUTIONS
 from sparse_dm.sparsity.ema import MASK_UPDATE_POLICIES
@@ -106,6 +107,19 @@ def validate(cfg: DictConfig) -> None:
         cfg, "model.sampling.steps", lambda v: _is_int(v) and 1 <= v <= steps, f"an integer in [1, {steps}]"
     )
     _check(cfg, "model.sampling.sampler", lambda v: v in ("ddim", "ddpm"), "ddim or ddpm")
+    _check(
+        cfg,
+        "model.sampling.discretization",
+        lambda v: v in DISCRETIZATIONS,
+        f"one of {DISCRETIZATIONS}",
+        True,
+    )
+    if OmegaConf.select(cfg, "model.sampling.discretization") == "compvis":
+        most = steps // COMPVIS_MIN_STRIDE
+        _check(
+            cfg, "model.sampling.steps", lambda v: v <= most, f"an integer in [1, {most}] with compvis DDIM"
+        )
+    _check(cfg, "model.optimizer.scale_lr", lambda v: isinstance(v, bool), "true or false", optional=True)
     _check(cfg, "model.sampling.num_samples", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     _check(cfg, "cost.convention", lambda v: v in ("paper", "per_sample"), "paper or per_sample")
     _check(cfg, "trainer.max_steps", lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 or an integer >= 1")

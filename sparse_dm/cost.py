@@ -1,24 +1,29 @@
-"""`python -m sparse_dm.cost <train overrides>`: parameters and FLOPs of a run without training.
+"""`python -m sparse_dm.cost <train overrides>`: parameters, FLOPs and resources of a run without training.
 
 The model is built on the meta device (no memory, no weights), one batch-1 forward with hooks
 measures how often each weight is used, and the method's exact per-layer counts give the sparse
-figures. Writes cost.json in the run's output dir and prints a table.
+figures. The resources section gives one checkpoint's size, the steps, the disk the checkpoint
+policy needs (sparse_dm.preflight, the same estimate train.py checks before fitting) and the GPU
+memory of a training step at the configured batch size (sparse_dm.memory_estimate). Writes cost.json
+in the run's output dir and prints a table. All presets at once:
+`python -m sparse_dm.cost -m experiment=ldm_celebahq,ldm_lsun_bedrooms,ldm_imagenette,ldm_imagenet_cond`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
 
 from sparse_dm import config
+from sparse_dm.memory_estimate import training_memory
+from sparse_dm.preflight import GIB, disk_estimate
+from sparse_dm.run_length import TrainingSetUnknown, train_steps
 from sparse_dm.sparsity import criteria
 from sparse_dm.sparsity.distributions import layer_counts
 from sparse_dm.sparsity.flops import cost_summary, measure_weight_uses
@@ -33,36 +38,6 @@ def active_counts(cfg: DictConfig, net: torch.nn.Module) -> dict[str, int]:
     weights = find_prunable(net, cfg.method.include, cfg.method.exclude)
     counts = layer_counts([tuple(w.param.shape) for w in weights], cfg.sparsity, cfg.method.distribution)
     return {w.name: c for w, c in zip(weights, counts, strict=True)}
-
-
-class TrainingSetUnknown(RuntimeError):
-    """Epoch-based train FLOPs need the training-set size, and neither config nor data gives it."""
-
-
-def num_train_samples(cfg: DictConfig) -> int:
-    """The training-set size: the configured subset size, else counted from the datamodule."""
-    if cfg.cost.num_train is not None:
-        return int(cfg.cost.num_train)
-    try:
-        return int(instantiate(cfg.dataset, _convert_="all").num_train_samples())
-    except (MissingMandatoryValue, FileNotFoundError) as err:
-        raise TrainingSetUnknown(
-            "train FLOPs need the training-set size: set dataset.num_train=N or point the dataset at "
-            f"its data ({err})"
-        ) from err
-
-
-def train_steps(cfg: DictConfig) -> int:
-    """Optimizer steps of the run: max_steps, or epochs x ceil(N / (batch x devices x accumulation))."""
-    trainer = cfg.trainer
-    max_steps = int(trainer.max_steps)
-    max_epochs = trainer.get("max_epochs")
-    if max_epochs in (None, -1):
-        return max_steps
-    devices = trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0 else 1
-    batches = math.ceil(num_train_samples(cfg) / (cfg.dataset.batch_size * devices))
-    by_epochs = int(max_epochs) * math.ceil(batches / int(trainer.get("accumulate_grad_batches", 1)))
-    return by_epochs if max_steps == -1 else min(max_steps, by_epochs)
 
 
 def compute_cost(cfg: DictConfig, module: torch.nn.Module | None = None) -> dict:
@@ -137,14 +112,58 @@ def format_table(cost: dict) -> str:
     return "\n".join(lines)
 
 
+def mask_bytes(cfg: DictConfig, net: torch.nn.Module) -> int:
+    """Bytes of the boolean masks the engine will attach (none for dense)."""
+    if cfg.method.name == "dense":
+        return 0
+    masks = find_prunable(net, cfg.method.include, cfg.method.exclude)
+    return sum(w.param.numel() for w in masks) * torch.empty(0, dtype=torch.bool).element_size()
+
+
+def compute_resources(cfg: DictConfig, module: torch.nn.Module) -> dict:
+    """Checkpoint size, disk needed by the checkpoint policy and GPU memory per training step."""
+    masks = mask_bytes(cfg, module.net)
+    try:
+        disk: dict | None = disk_estimate(cfg, module, extra_state_bytes=masks)
+    except TrainingSetUnknown as err:
+        log.warning("%s; disk needs are reported as null", err)
+        disk = None
+    batch = int(cfg.dataset.batch_size)
+    return {"disk": disk, "gpu_memory": training_memory(module, batch, masks), "batch_size": batch}
+
+
+def format_resources(resources: dict) -> str:
+    disk, memory = resources["disk"], resources["gpu_memory"]
+    lines = [""]
+    if disk is None:
+        lines.append(f"{'checkpoint / disk':<30} {'n/a (training-set size unknown)':>16}")
+    else:
+        files = ", ".join(f"{k} {v}" for k, v in disk["checkpoint_files"].items())
+        lines += [
+            f"{'checkpoint_size_gib':<30} {disk['checkpoint_bytes'] / GIB:>16.3f}",
+            f"{'train_steps':<30} {disk['train_steps']:>16,}",
+            f"{'checkpoint_files':<30} {sum(disk['checkpoint_files'].values()):>16,}  ({files})",
+            f"{'disk_needed_gib':<30} {disk['disk_bytes_needed'] / GIB:>16.3f}",
+        ]
+    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in memory.items() if k != "total")
+    lines.append(
+        f"{'gpu_memory_gib':<30} {memory['total'] / GIB:>16.2f}  (batch {resources['batch_size']}: {parts})"
+    )
+    return "\n".join(lines)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="cost")
 def main(cfg: DictConfig) -> None:
     config.validate(cfg)
-    cost = compute_cost(cfg)
+    with torch.device("meta"):
+        module = instantiate(cfg.model, _convert_="all")
+    cost = compute_cost(cfg, module)
+    cost["resources"] = compute_resources(cfg, module)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cost.json").write_text(json.dumps(cost, indent=2))
     print(format_table(cost))
+    print(format_resources(cost["resources"]))
     print(f"\nwrote {out / 'cost.json'}")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,14 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_dm.eval.fidelity import FidelityConfig, compute_fidelity, resolve_weights
-from sparse_dm.eval.images_for_fid import generate_images as sample_images
-from sparse_dm.eval.images_for_fid import reference_images
+from sparse_dm.eval.fidelity import (
+    FidelityConfig,
+    extract_stats,
+    fidelity_from_stats,
+    reference_stats,
+    resolve_weights,
+)
+from sparse_dm.eval.images_for_fid import generated_batches, reference_batches, reference_identity
 from sparse_dm.lightning.diffusion_module import DiffusionModule
 from sparse_dm.summary import write_summary
 from sparse_dm.train import build_run
@@ -54,6 +60,9 @@ EVALUATE_DEFAULTS = {
         "batch_size": 64,
         "cuda": None,
         "verbose": False,
+        "cache_dir": None,  # reference statistics cache (null: <torch hub dir>/sparse_dm_fid)
+        "kid_pool_size": 10000,  # features kept per side for KID subsets (seeded uniform sample)
+        "seed": 0,
     },
     "hydra": {
         "run": {"dir": "outputs/evaluate/${now:%Y-%m-%d_%H-%M-%S}"},
@@ -94,11 +103,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from err
 
 
-def generate_images(module: DiffusionModule, cfg: DictConfig, steps: int, run_dir: Path) -> torch.Tensor:
-    """num_samples samples with the EMA weights, as uint8 RGB; a PNG grid of the first ones is kept."""
+def generate_images(
+    module: DiffusionModule, cfg: DictConfig, steps: int, run_dir: Path
+) -> Iterator[torch.Tensor]:
+    """num_samples samples with the EMA weights, as uint8 RGB batches (streamed); a PNG grid is kept."""
     generator = torch.Generator().manual_seed(int(cfg.seed))
     grid_path = run_dir / "samples" / f"eval_steps{steps}.png"
-    return sample_images(module, cfg.num_samples, cfg.batch_size, generator, steps, grid_path, progress=True)
+    return generated_batches(
+        module, cfg.num_samples, cfg.batch_size, generator, steps, grid_path, progress=True
+    )
 
 
 def merge_results(summary_path: Path, result: dict[str, Any], steps: int, default_steps: int) -> None:
@@ -128,13 +141,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module.to(device).eval()
     default_steps = int(run_cfg.model.sampling.steps)
     steps = int(cfg.sampling_steps or default_steps)
-    reference = reference_images(module, datamodule, cfg.num_reference)  # data errors surface before sampling
-    generated = generate_images(module, cfg, steps, run_dir)
+    identity = reference_identity(
+        module, datamodule, cfg.num_reference
+    )  # data errors surface before sampling
+    batches = lambda: reference_batches(module, datamodule, cfg.num_reference, cfg.batch_size)  # noqa: E731
+    reference = reference_stats(identity, batches, fidelity)
+    generated = extract_stats(generate_images(module, cfg, steps, run_dir), fidelity)
     result = {
-        **compute_fidelity(generated, reference, fidelity),
-        "num_samples": int(generated.shape[0]),
+        **fidelity_from_stats(generated, reference, fidelity),
+        "num_samples": generated.count,
         "sampling_steps": steps,
-        "num_reference": int(reference.shape[0]),
+        "num_reference": reference.count,
         "feature_extractor": fidelity.feature_extractor,
         "eval_ckpt_path": str(ckpt_path),
     }

@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_dm import config
+from sparse_dm import config, preflight
 from sparse_dm.cost import active_counts, compute_cost
 from sparse_dm.lightning.diffusion_module import DiffusionModule
 from sparse_dm.lightning.dst_callback import DSTCallback
@@ -98,6 +98,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")  # bad data fails here, naming file/split/index, before any checkpoint
     module.output_dir = output_dir
     cost = compute_cost(cfg, module)
+    preflight.check_disk_space(cfg, module, output_dir)  # refuse before fit if checkpoints cannot fit
     callbacks: list[L.Callback] = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks.append(RNGStateCallback())
     if engine is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiny_extractor
 import torch
@@ -12,9 +14,11 @@ from omegaconf import OmegaConf
 from sparse_dm.data.stroke3 import deltas_to_strokes
 from sparse_dm.eval.fidelity import (
     INCEPTION,
+    FeatureStats,
     FidelityConfig,
     FidelityUnavailableError,
     compute_fidelity,
+    reference_stats,
     to_uint8,
 )
 from sparse_dm.eval.rasterise import render_batch
@@ -98,3 +102,87 @@ def test_evaluate_without_weights_fails_before_sampling(tmp_path, monkeypatch):
         evaluate_mod.evaluate(cfg)
     assert (run / "summary.json").read_text() == '{"method": "rigl"}'
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "summary.json"]
+
+
+def test_streamed_statistics_equal_torch_fidelity_on_all_images(tiny_cfg):
+    """Our streaming FID/KID equals torch-fidelity's own calculate_metrics on the same images."""
+    import torch_fidelity
+
+    from sparse_dm.eval.fidelity import RGB_CHANNELS
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, images):
+            self.images = images
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            return self.images[i]
+
+    gen, ref = random_images(1), random_images(2, brightness=0.3)
+    assert gen.shape[1] == RGB_CHANNELS
+    ours = compute_fidelity(gen, ref, replace(tiny_cfg, kid_subsets=7, batch_size=5))
+    theirs = torch_fidelity.calculate_metrics(
+        input1=Images(gen),
+        input2=Images(ref),
+        fid=True,
+        kid=True,
+        feature_extractor=tiny_extractor.NAME,
+        feature_extractor_weights_path=tiny_cfg.weights_path,
+        kid_subset_size=NUM_SAMPLES,
+        kid_subsets=7,
+        cuda=False,
+        save_cpu_ram=True,
+        verbose=False,
+    )
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
+    assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4, abs=1e-9)
+
+
+def test_feature_memory_is_bounded_by_the_pool():
+    stats = FeatureStats(dim=3, pool_size=8, seed=0)
+    rows = torch.randn(500, 3, generator=torch.Generator().manual_seed(0))
+    for chunk in rows.split(7):
+        stats.add(chunk)
+    assert stats.count == 500 and stats.pool.shape == (8, 3)
+    assert any(bool((rows[400:] == row).all(1).any()) for row in stats.pool)  # late rows reach the pool
+    fid = stats.fid_statistics()
+    np.testing.assert_allclose(fid["mu"], rows.double().mean(0).numpy(), rtol=1e-10)
+    np.testing.assert_allclose(fid["sigma"], np.cov(rows.double().numpy(), rowvar=False), rtol=1e-8)
+
+
+def test_reference_statistics_are_computed_once_per_identity(tiny_cfg, tmp_path):
+    cfg = replace(tiny_cfg, cache_dir=str(tmp_path / "cache"))
+    calls = []
+
+    def batches():
+        calls.append(1)
+        yield random_images(0)
+
+    first = reference_stats("celebahq|train|16x16|n=24|abc", batches, cfg)
+    again = reference_stats("celebahq|train|16x16|n=24|abc", batches, cfg)
+    assert len(calls) == 1 and again.count == first.count == NUM_SAMPLES
+    torch.testing.assert_close(again.outer, first.outer)
+    reference_stats("celebahq|train|32x32|n=24|abc", batches, cfg)  # another resolution: its own stats
+    reference_stats("celebahq|train|16x16|n=24|abc", batches, replace(cfg, kid_pool_size=5))
+    assert len(calls) == 3
+    assert len(list((tmp_path / "cache").glob("celebahq-*.pt"))) == 3
+
+
+def test_samples_are_generated_lazily_batch_by_batch():
+    from toy_diffusion import MODULE_KWARGS, ToyModule, ToyNet
+
+    from sparse_dm.eval.images_for_fid import generated_batches
+
+    class Images(ToyModule):
+        calls = 0
+
+        def generate(self, num_samples, generator, **kwargs):
+            Images.calls += 1
+            return torch.rand(num_samples, 1, 4, 4, generator=generator) * 2 - 1
+
+    stream = generated_batches(Images(net=ToyNet(), **MODULE_KWARGS), 10, 4, torch.Generator(), steps=2)
+    first = next(stream)
+    assert first.shape == (4, 3, 4, 4) and first.dtype == torch.uint8 and Images.calls == 1
+    assert [len(b) for b in stream] == [4, 2] and Images.calls == 3

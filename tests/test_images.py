@@ -1,4 +1,6 @@
-"""Image data: seeded subsets, folder scanning and errors, latent caching, embedded KanjiVG images."""
+"""Image data: dataset layouts and splits, checks at setup, CompVis augmentation, latent caching."""
+
+import os
 
 import numpy as np
 import pytest
@@ -12,7 +14,8 @@ def write_images(root, names, size=(20, 12)):
     for i, name in enumerate(names):
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((size[1], size[0], 3), 10 * i, np.uint8)).save(path)
+        pixels = np.random.default_rng(i).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
 
 
 def test_subset_indices_deterministic_and_disjoint():
@@ -29,18 +32,18 @@ def test_subset_indices_deterministic_and_disjoint():
 
 
 def test_missing_and_empty_folders(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="train image folder not found"):
         list_images(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
-    with pytest.raises(FileNotFoundError, match=r"no .* images"):
-        list_images(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"val split is empty: no .* images"):
+        list_images(tmp_path / "empty", "val")
     dm = ImageDataModule(root=None, resolution=8, batch_size=2)
     with pytest.raises(ValueError, match=r"dataset\.root"):
         dm.setup()
 
 
-def test_folder_datamodule_subsets_and_pixels(tmp_path):
+def test_one_folder_seeded_disjoint_subsets_and_pixels(tmp_path):
     write_images(tmp_path, [f"a/{i}.png" for i in range(6)] + [f"b/c/{i}.JPG" for i in range(4)] + ["x.webp"])
     assert len(list_images(tmp_path)) == 11
     kw = dict(resolution=8, batch_size=4, num_train=7, num_val=3, subset_seed=3)
@@ -55,53 +58,138 @@ def test_folder_datamodule_subsets_and_pixels(tmp_path):
     assert set(batch) == {"image"} and batch["image"].shape == (3, 3, 8, 8)
     assert batch["image"].min() >= -1 and batch["image"].max() <= 1
     assert dm.num_train_samples() == 7
+    with pytest.raises(ValueError, match=r"dataset\.num_train=9 \+ dataset\.num_val=3 do not fit in the 11"):
+        ImageDataModule(root=str(tmp_path), **{**kw, "num_train": 9}).setup()
 
 
-def test_class_folders_and_separate_val_root(tmp_path):
+def test_dataset_with_its_own_train_and_val_folders(tmp_path):
     write_images(tmp_path / "train", ["n02/a.png", "n02/b.png", "n01/c.png"])
     write_images(tmp_path / "val", ["n01/d.png", "n02/e.png"])
-    dm = ImageDataModule(
-        root=str(tmp_path / "train"),
-        val_root=str(tmp_path / "val"),
-        resolution=4,
-        batch_size=8,
-        class_folders=True,
-    )
+    kw = dict(root=str(tmp_path), train_dir="train", val_dir="val", resolution=4, batch_size=8)
+    dm = ImageDataModule(**kw, class_folders=True)
     dm.setup()
     labels = {f.name: y for f, y in zip(dm.train_set.files, dm.train_set.labels, strict=True)}
     assert labels == {"c.png": 0, "a.png": 1, "b.png": 1}
     assert next(iter(dm.val_dataloader()))["label"].tolist() == [0, 1]
+    assert {f.parent.parent.name for f in dm.val_set.files} == {"val"}  # val never drawn from train/
+    with pytest.raises(ValueError, match=r"dataset\.num_train=4 but the train folder .* has 3 images"):
+        ImageDataModule(**kw, num_train=4).setup()
+    with pytest.raises(ValueError, match="overlap"):
+        ImageDataModule(**{**kw, "train_dir": None}).setup()
+    write_images(tmp_path / "val", ["n03/f.png"])
+    with pytest.raises(ValueError, match=r"val image .*f\.png is in class folder 'n03'"):
+        ImageDataModule(**kw, class_folders=True).setup()
 
 
-def test_latent_cache_encodes_once(tmp_path):
-    write_images(tmp_path / "img", [f"{i}.png" for i in range(5)])
-    calls = []
+def test_unreadable_files_are_named_at_setup_and_at_load(tmp_path):
+    write_images(tmp_path / "train", [f"{i}.png" for i in range(3)])
+    write_images(tmp_path / "val", ["v.png"])
+    (tmp_path / "train" / "1.png").write_bytes(b"not an image")
+    kw = dict(root=str(tmp_path), train_dir="train", val_dir="val", resolution=4, batch_size=2)
+    with pytest.raises(ValueError, match=r"train image 1 is unreadable: .*train/1\.png"):
+        ImageDataModule(**kw).setup()
+    lazy = ImageDataModule(**kw, verify_files=False)
+    lazy.setup()
+    with pytest.raises(ValueError, match=r"train image 1 is unreadable: .*train/1\.png"):
+        lazy.train_set[1]
+
+
+def test_flips_follow_seed_epoch_and_index_only(tmp_path):
+    write_images(tmp_path, [f"{i}.png" for i in range(40)], size=(9, 9))
+    kw = dict(root=str(tmp_path), resolution=8, batch_size=40, num_train=36, num_val=4, flip_p=0.5, seed=3)
+    dm, plain = ImageDataModule(**kw), ImageDataModule(**{**kw, "flip_p": 0.0})
+    dm.setup(), plain.setup()
+    loader = dm.train_dataloader()
+    loader.set_epoch(2)
+    flipped = [dm.train_set[i]["image"] for i in range(36)]
+    reference = [plain.train_set[i]["image"] for i in range(36)]
+    mirrored = [
+        torch.equal(a, b.flip(-1)) and not torch.equal(a, b) for a, b in zip(flipped, reference, strict=True)
+    ]
+    same = [torch.equal(a, b) for a, b in zip(flipped, reference, strict=True)]
+    assert all(m or s for m, s in zip(mirrored, same, strict=True)) and 8 < sum(mirrored) < 28
+    loader.set_epoch(3)
+    assert [torch.equal(dm.train_set[i]["image"], flipped[i]) for i in range(36)] != [True] * 36
+    loader.set_epoch(2)
+    again = ImageDataModule(**kw)
+    again.setup()
+    again.train_dataloader().set_epoch(2)
+    assert all(torch.equal(again.train_set[i]["image"], flipped[i]) for i in range(36))
+    for i in range(4):  # validation is never augmented
+        assert torch.equal(dm.val_set[i]["image"], plain.val_set[i]["image"])
+
+
+def test_random_crops_take_squares_of_the_resized_image(tmp_path):
+    write_images(tmp_path / "train", [f"{i}.png" for i in range(8)], size=(32, 8))
+    write_images(tmp_path / "val", ["v.png"], size=(32, 8))
+    kw = dict(root=str(tmp_path), train_dir="train", val_dir="val", resolution=8, batch_size=8)
+    dm = ImageDataModule(**kw, crop="random")
+    dm.setup()
+    center = ImageDataModule(**kw)
+    center.setup()
+    crops = [dm.train_set[i]["image"] for i in range(8)]
+    assert all(c.shape == (3, 8, 8) for c in crops)
+    assert sum(not torch.equal(c, center.train_set[i]["image"]) for i, c in enumerate(crops)) >= 6
+    with pytest.raises(ValueError, match=r"crop=random cannot be combined with dataset\.latent_cache_dir"):
+        ImageDataModule(**kw, crop="random", latent_cache_dir=str(tmp_path / "cache"))
+
+
+def asymmetric_encoder(calls):
+    weight = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2) / 10
 
     def encode(x):
         calls.append(len(x))
-        return torch.nn.functional.avg_pool2d(x, 2)
+        return torch.nn.functional.conv2d(x, weight, stride=2)  # not mirror-equivariant
+
+    return encode
+
+
+def test_latent_cache_is_keyed_by_first_stage_content_and_images(tmp_path):
+    write_images(tmp_path / "img", [f"{i}.png" for i in range(5)])
+    calls = []
+    encode = asymmetric_encoder(calls)
 
     def make():
-        return ImageDataModule(
-            root=str(tmp_path / "img"),
-            resolution=8,
-            batch_size=2,
-            num_train=3,
-            num_val=2,
-            latent_cache_dir=str(tmp_path / "cache"),
+        kw = dict(
+            resolution=8, batch_size=2, num_train=3, num_val=2, latent_cache_dir=str(tmp_path / "cache")
         )
+        return ImageDataModule(root=str(tmp_path / "img"), **kw)
 
     dm = make()
-    dm.use_latents(encode, "vq-a", torch.device("cpu"))
-    assert sum(calls) == 5 and len(list((tmp_path / "cache").glob("*.pt"))) == 2
-    batch = next(iter(dm.val_dataloader()))
-    assert set(batch) == {"latent"} and batch["latent"].shape == (2, 3, 4, 4)
-    cached = make()
-    cached.use_latents(encode, "vq-a", torch.device("cpu"))
+    dm.use_latents(encode, "hash-a", torch.device("cpu"))
     assert sum(calls) == 5
-    torch.testing.assert_close(cached.train_set.data, dm.train_set.data)
-    make().use_latents(encode, "vq-b", torch.device("cpu"))  # another first stage never reuses a cache
+    batch = next(iter(dm.val_dataloader()))
+    assert set(batch) == {"latent"} and batch["latent"].shape == (2, 2, 4, 4)
+    cached = make()
+    cached.use_latents(encode, "hash-a", torch.device("cpu"))
+    assert sum(calls) == 5
+    assert torch.equal(cached.train_set[2]["latent"], dm.train_set[2]["latent"])
+    make().use_latents(encode, "hash-b", torch.device("cpu"))  # another first stage never reuses a cache
     assert sum(calls) == 10
+    probe = make()
+    probe.setup()
+    changed = probe.train_set.files[0]
+    write_images(tmp_path / "img", [changed.name], size=(21, 12))  # same path, new content
+    os.utime(changed, ns=(1, 1))
+    make().use_latents(encode, "hash-a", torch.device("cpu"))
+    assert sum(calls) == 13  # the train split (3 images) is encoded again, val (unchanged) is reused
+
+
+def test_latent_cache_under_flips_stores_both_views(tmp_path):
+    write_images(tmp_path, [f"{i}.png" for i in range(24)], size=(8, 8))
+    kw = dict(root=str(tmp_path), resolution=8, batch_size=4, num_train=20, num_val=4, flip_p=0.5, seed=1)
+    images = ImageDataModule(**kw)
+    images.setup()
+    images.train_dataloader().set_epoch(5)
+    calls = []
+    encode = asymmetric_encoder(calls)
+    latents = ImageDataModule(**kw, latent_cache_dir=str(tmp_path / "cache"))
+    latents.use_latents(encode, "hash", torch.device("cpu"))
+    assert sum(calls) == 2 * 20 + 4  # both orientations of the train images, one of val
+    latents.train_dataloader().set_epoch(5)
+    for i in range(20):
+        expected = encode(images.train_set[i]["image"][None])[0]
+        torch.testing.assert_close(latents.train_set[i]["latent"], expected)
 
 
 def test_kanjivg_images_embedded():

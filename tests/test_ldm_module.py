@@ -110,6 +110,8 @@ def test_example_net_inputs_on_meta():
 
 
 class TinyLatents(L.LightningDataModule):
+    batch_size = 4
+
     def __init__(self, data):
         super().__init__()
         self.data = data
@@ -141,3 +143,66 @@ def test_fit_trains_only_the_net(tmp_path):
     assert "val/loss" in trainer.callback_metrics
     assert (tmp_path / "samples" / "step_000003.png").is_file()
     assert isinstance(module.prepare_batch({"image": torch.zeros(1, 3, 8, 8)}), DiffusionBatch)
+
+
+def fit_briefly(module, tmp_path, ckpt_path=None, **trainer_kw):
+    trainer = L.Trainer(
+        max_steps=trainer_kw.pop("max_steps", 1),
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+        **trainer_kw,
+    )
+    trainer.fit(module, datamodule=TinyLatents(torch.rand(8, 3, 8, 8) * 2 - 1), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_checkpoints_leave_out_the_first_stage_and_verify_its_hash(tmp_path):
+    vq_path = tmp_path / "vq.ckpt"
+    torch.save({"state_dict": VQModel(**VQ).state_dict()}, vq_path)
+    first_stage = dict(kind="vq", ckpt_path=str(vq_path), params=VQ)
+    trainer = fit_briefly(make_module(first_stage=first_stage), tmp_path)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    checkpoint = torch.load(tmp_path / "run.ckpt", weights_only=True)
+    assert not [k for k in checkpoint["state_dict"] if k.startswith("first_stage.")]
+    assert any(k.startswith("net.") for k in checkpoint["state_dict"])
+
+    restored = make_module(first_stage=first_stage)  # evaluate.py's order: weights, then the hook
+    restored.load_state_dict(checkpoint["state_dict"])
+    restored.on_load_checkpoint(checkpoint)
+    for key, value in torch.load(vq_path, weights_only=True)["state_dict"].items():
+        assert torch.equal(restored.first_stage.state_dict()[key], value)
+
+    torch.manual_seed(123)
+    torch.save({"state_dict": VQModel(**VQ).state_dict()}, vq_path)  # another autoencoder, same path
+    with pytest.raises(ValueError, match=r"first stage mismatch: model\.first_stage\.ckpt_path=.*vq\.ckpt"):
+        make_module(first_stage=first_stage).on_load_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match="first stage mismatch"):  # resuming a run refuses it too
+        fit_briefly(make_module(first_stage=first_stage), tmp_path, ckpt_path=tmp_path / "run.ckpt")
+
+
+def test_sampling_uses_the_configured_discretization():
+    module = make_module(steps=4)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    eps_fn = module.guided_eps_fn(None, 1.0)
+    for discretization in ("compvis", "uniform"):
+        module.sampling_cfg["discretization"] = discretization
+        direct = ddim_sample(eps_fn, x_T, module.schedule, num_steps=4, discretization=discretization)
+        assert torch.equal(module.sample_with(eps_fn, x_T, None), direct)
+    assert not torch.equal(
+        module.sample_with(eps_fn, x_T, None, discretization="compvis"), module.sample_with(eps_fn, x_T, None)
+    )
+
+
+def test_scale_lr_multiplies_by_batch_devices_and_accumulation(tmp_path):
+    module = make_module()
+    module.optimizer_cfg["scale_lr"] = True
+    trainer = fit_briefly(module, tmp_path, accumulate_grad_batches=2, max_epochs=1)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 4 * 1 * 2)
+    assert module.optimizer_cfg["lr"] == 1e-3
+    plain = make_module()
+    assert fit_briefly(plain, tmp_path).optimizers[0].param_groups[0]["lr"] == 1e-3

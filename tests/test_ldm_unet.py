@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from tiny_unet import tiny_unet
 from torch import nn
 
-from sparse_dm.models.ldm_unet import UNetModel
+from sparse_dm.models.ldm_unet import UNetModel, load_compvis_unet
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -90,3 +90,23 @@ def test_unconditional_rejects_labels_and_batch_independence():
         net(x, t, torch.zeros(3, dtype=torch.long))
     full = net(x, t)
     torch.testing.assert_close(full[1:2], net(x[1:2], t[1:2]), rtol=1e-4, atol=1e-5)
+
+
+def test_compvis_unet_state_loads_and_cin_models_are_refused_clearly():
+    src, dst = tiny_unet(), tiny_unet()
+    full = {f"model.diffusion_model.{k}": v for k, v in src.state_dict().items()}
+    full["first_stage_model.encoder.conv_in.weight"] = torch.zeros(1)
+    load_compvis_unet(dst, full)
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value)
+    cin = {**full, "cond_stage_model.embedding.weight": torch.zeros(1001, 512)}
+    cross_attention = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    cin[cross_attention] = torch.zeros(32, 512)
+    with pytest.raises(ValueError, match=r"class-conditional \(cin\)[\s\S]*num_classes \+ 1"):
+        load_compvis_unet(tiny_unet(num_classes=1000), cin)
+    conditional = tiny_unet(num_classes=10)
+    no_null_row = {**conditional.state_dict(), "label_emb.weight": torch.zeros(10, 128)}
+    with pytest.raises(ValueError, match="null class"):
+        load_compvis_unet(conditional, no_null_row)
+    with pytest.raises(ValueError, match=r"model\.net.*missing \(1\): out\.2\.bias"):
+        load_compvis_unet(tiny_unet(), {k: v for k, v in src.state_dict().items() if k != "out.2.bias"})

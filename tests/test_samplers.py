@@ -1,5 +1,6 @@
 """DDPM/DDIM samplers and the noise schedules."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,56 @@ def test_masked_mse_ignores_padding_and_weights_samples_equally():
     target[0, 2:] = 100.0  # padding of sample 0
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)[..., None]
     assert masked_mse(pred, target, mask).item() == pytest.approx(1.0)
+
+
+def compvis_reference_ddim(eps_fn, x_T, alphas_cumprod, num_steps, eta, generator):
+    """CompVis DDIM re-derived from its published rule (numpy, float64): c = T // S, timesteps
+    range(0, T, c) + 1, alphas_prev = [alphas_cumprod[0], alphas[:-1]], noise added at every step."""
+    ac = alphas_cumprod.double().numpy()
+    c = len(ac) // num_steps
+    timesteps = np.arange(0, len(ac), c) + 1
+    alphas = ac[timesteps]
+    alphas_prev = np.concatenate([[ac[0]], ac[timesteps[:-1]]])
+    sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    x, visited = x_T.clone(), []
+    for index in range(len(timesteps) - 1, -1, -1):
+        visited.append(int(timesteps[index]))
+        e = eps_fn(x, torch.full((x.shape[0],), int(timesteps[index])))
+        pred_x0 = (x - np.sqrt(1 - alphas[index]) * e) / np.sqrt(alphas[index])
+        dir_xt = np.sqrt(1 - alphas_prev[index] - sigmas[index] ** 2) * e
+        noise = sigmas[index] * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = np.sqrt(alphas_prev[index]) * pred_x0 + dir_xt + noise
+    return x, visited
+
+
+@pytest.mark.parametrize(("num_steps", "eta"), [(100, 0.0), (150, 0.0), (50, 1.0), (7, 0.5)])
+def test_compvis_discretization_matches_a_reimplementation_of_compvis(num_steps, eta):
+    schedule = NoiseSchedule("sqrt_linear", 1000, 0.0015, 0.0195).double()
+    x_T = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def toy(x, t):
+        seen.append(int(t[0]))
+        return eps_fn(x, t)
+
+    ours = ddim_sample(
+        toy, x_T, schedule, num_steps, eta, torch.Generator().manual_seed(7), discretization="compvis"
+    )
+    ref, visited = compvis_reference_ddim(
+        eps_fn, x_T, schedule.alphas_cumprod, num_steps, eta, torch.Generator().manual_seed(7)
+    )
+    assert seen == visited == ddim_timesteps(1000, num_steps, "compvis")
+    assert torch.allclose(ours, ref, atol=1e-6)
+    uniform = ddim_sample(eps_fn, x_T, schedule, num_steps, eta, torch.Generator().manual_seed(7))
+    assert not torch.allclose(ours, uniform, atol=1e-3)  # the two discretisations really differ
+
+
+def test_compvis_timesteps_follow_the_ldm_rule():
+    steps = ddim_timesteps(1000, 100, "compvis")
+    assert (steps[0], steps[-1], len(steps)) == (991, 1, 100)
+    assert len(ddim_timesteps(1000, 150, "compvis")) == 167  # c = 6: CompVis's "150 steps"
+    assert ddim_timesteps(1000, 200, "compvis")[:2] == [996, 991]
+    with pytest.raises(ValueError, match=r"sampling\.steps must be in \[1, 500\]"):
+        ddim_timesteps(1000, 501, "compvis")
+    with pytest.raises(ValueError, match=r"sampling\.discretization"):
+        ddim_timesteps(1000, 10, "quad")

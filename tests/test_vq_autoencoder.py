@@ -1,11 +1,16 @@
 """The VQ first stage: CompVis key layout, checkpoint loading round trips, freezing, quantised decode."""
 
 import argparse
+import os
+import pickle
+import sys
+import types
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from sparse_dm.models.vq_autoencoder import VQModel, load_first_stage
+from sparse_dm.models.vq_autoencoder import VQModel, load_first_stage, state_hash
 
 SMALL = dict(embed_dim=3, n_embed=16, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=3, resolution=16)
 
@@ -86,11 +91,71 @@ def test_shape_mismatch_and_missing_file(tmp_path):
         load_first_stage(small_vq(1), tmp_path / "nope.ckpt")
 
 
-def test_refuses_unsafe_pickles(tmp_path):
-    blob = {"state_dict": small_vq(0).state_dict(), "hparams": argparse.Namespace(a=1)}
-    torch.save(blob, tmp_path / "u.ckpt")
-    with pytest.raises(ValueError, match="weights_only"):
-        load_first_stage(small_vq(1), tmp_path / "u.ckpt")
+def _pickled_like_lightning_1x(tmp_path, extra):
+    """A CompVis-style PL 1.x checkpoint: the callback *class* as a dict key, a callback object, an
+    omegaconf config and an argparse namespace, pickled while a stand-in ``pytorch_lightning`` module
+    exists (as on the machine that wrote it) and loaded after it is gone (as on ours)."""
+    names = [
+        "pytorch_lightning",
+        "pytorch_lightning.callbacks",
+        "pytorch_lightning.callbacks.model_checkpoint",
+    ]
+    fake = {name: types.ModuleType(name) for name in names}
+    model_checkpoint = type("ModelCheckpoint", (), {"__module__": names[-1]})
+    fake[names[-1]].ModelCheckpoint = model_checkpoint
+    callback = model_checkpoint()
+    callback.dirpath, callback.best_model_score = "/logs/checkpoints", torch.tensor(0.1)
+    state = small_vq(0).state_dict()
+    blob = {
+        "state_dict": state,
+        "callbacks": {model_checkpoint: {"best_model_path": "/logs/last.ckpt"}},
+        "callback_object": callback,
+        "hyper_parameters": OmegaConf.create({"embed_dim": 3, "ddconfig": {"ch_mult": [1, 2]}}),
+        "hparams": argparse.Namespace(lr=4.5e-6),
+        **extra,
+    }
+    sys.modules.update(fake)
+    try:
+        torch.save(blob, tmp_path / "model.ckpt")
+    finally:
+        for name in names:
+            del sys.modules[name]
+    return tmp_path / "model.ckpt", state
+
+
+def test_official_lightning_checkpoint_loads_through_the_safe_path(tmp_path):
+    path, state = _pickled_like_lightning_1x(tmp_path, {})
+    with pytest.raises(pickle.UnpicklingError):  # plain weights_only refuses it ...
+        torch.load(path, weights_only=True)
+    loaded = load_first_stage(small_vq(1), path)  # ... our allowlist loads it, tensors only
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[key])
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_payload_in_a_checkpoint_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path, _ = _pickled_like_lightning_1x(tmp_path, {"payload": Payload(marker)})
+    with pytest.raises(
+        ValueError, match=r"refusing to load[\s\S]*system[\s\S]*weights_only=False\)\['state_dict'\]"
+    ):
+        load_first_stage(small_vq(1), path)
+    assert not marker.exists()
+
+
+def test_state_hash_follows_content_not_path(tmp_path):
+    a, b = small_vq(0), small_vq(0)
+    assert state_hash(a) == state_hash(b)
+    with torch.no_grad():
+        b.quant_conv.bias[0] += 1e-6
+    assert state_hash(a) != state_hash(b)
 
 
 def test_decode_quantises_to_nearest_code():

@@ -2,7 +2,8 @@
 
 Every `every_n_steps` optimizer steps (and at the end of training) rank 0 samples `num_samples` with
 the EMA weights through the module's own `generate`, converts them exactly like `sparse_dm.evaluate`
-(sparse_dm.eval.images_for_fid) and compares them with a reference set built once at setup. Results
+(sparse_dm.eval.images_for_fid) and compares them with reference statistics computed once at setup
+(cached on disk per dataset, split, resolution and extractor; samples are streamed in batches). Results
 go to every logger (`fid/fid`, `fid/kid_mean`, `fid/kid_std`) and to `history`, which train.py
 writes to summary.json as `fid_curve`.
 
@@ -23,8 +24,15 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from sparse_dm.eval.fidelity import FidelityConfig, compute_fidelity, resolve_weights
-from sparse_dm.eval.images_for_fid import generate_images, reference_images
+from sparse_dm.eval.fidelity import (
+    FeatureStats,
+    FidelityConfig,
+    extract_stats,
+    fidelity_from_stats,
+    reference_stats,
+    resolve_weights,
+)
+from sparse_dm.eval.images_for_fid import generated_batches, reference_batches, reference_identity
 from sparse_dm.lightning.diffusion_module import DiffusionModule
 
 METRIC_PREFIX = "fid/"
@@ -96,7 +104,7 @@ class FidelityCallback(L.Callback):
         self.seed = seed
         self.at_train_end = at_train_end
         self.history: list[dict[str, float | int]] = []
-        self.reference: torch.Tensor | None = None
+        self.reference: FeatureStats | None = None
 
     # ----- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -114,7 +122,12 @@ class FidelityCallback(L.Callback):
         if datamodule is None:
             raise ValueError("FidelityCallback builds its reference set from the datamodule: fit with one")
         with preserved_rng():
-            self.reference = reference_images(pl_module, datamodule, self.num_reference)
+            identity = reference_identity(pl_module, datamodule, self.num_reference)
+            self.reference = reference_stats(
+                identity,
+                lambda: reference_batches(pl_module, datamodule, self.num_reference, self.batch_size),
+                self.fidelity,
+            )
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -151,8 +164,8 @@ class FidelityCallback(L.Callback):
         steps = int(self.sampling_steps or pl_module.sampling_cfg["steps"])
         generator = torch.Generator().manual_seed(self.seed)
         with preserved_rng(), eval_mode(pl_module):
-            generated = generate_images(pl_module, self.num_samples, self.batch_size, generator, steps)
-            scores = compute_fidelity(generated, self.reference, self.fidelity)
+            batches = generated_batches(pl_module, self.num_samples, self.batch_size, generator, steps)
+            scores = fidelity_from_stats(extract_stats(batches, self.fidelity), self.reference, self.fidelity)
         for logger in trainer.loggers:
             logger.log_metrics({METRIC_PREFIX + key: value for key, value in scores.items()}, step=step)
         record: dict[str, float | int] = {"step": step, **scores}

@@ -1,13 +1,16 @@
 """Latent Diffusion: the UNet denoises latents of a frozen first stage (VQ-f4 in the paper).
 
 The first stage lives in ``self.first_stage``, outside ``self.net``, so the sparsity engine, the
-optimizer and the EMA never see it. Class-conditional models get classifier-free guidance: labels
-are replaced by the UNet's null label with probability ``conditioning.label_dropout`` in training,
-and sampling mixes conditional and unconditional predictions with ``sampling.guidance_scale``.
+optimizer and the EMA never see it. It is never written into checkpoints: it is reloaded from
+``model.first_stage.ckpt_path`` and checked against the content hash each checkpoint stores.
+Class-conditional models get classifier-free guidance: labels are replaced by the UNet's null label
+with probability ``conditioning.label_dropout`` in training, and sampling mixes conditional and
+unconditional predictions with ``sampling.guidance_scale``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -16,10 +19,15 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import save_image
 
+from sparse_dm.diffusion import sample
 from sparse_dm.lightning.diffusion_module import DiffusionBatch, DiffusionModule
-from sparse_dm.models.vq_autoencoder import VQModel, load_first_stage
+from sparse_dm.models.vq_autoencoder import VQModel, load_first_stage, state_hash
+
+log = logging.getLogger(__name__)
 
 FIRST_STAGE_KINDS = ("vq", "identity")
+FIRST_STAGE_PREFIX = "first_stage."  # the frozen autoencoder's keys in the module's state_dict
+CHECKPOINT_HASH_KEY = "first_stage_sha256"  # content hash of the first stage a checkpoint was trained with
 
 
 class IdentityFirstStage(nn.Module):
@@ -40,6 +48,25 @@ def build_first_stage(cfg: dict) -> nn.Module:
     if kind == "vq":
         return VQModel(**cfg["params"]).freeze()
     raise ValueError(f"model.first_stage.kind must be one of {FIRST_STAGE_KINDS}, got {kind!r}")
+
+
+def scaled_lr(base_lr: float, batch_size: int, devices: int, accumulate: int) -> float:
+    """CompVis ``scale_lr``: the learning rate grows with the effective batch (per-device batch x
+    devices x gradient accumulation)."""
+    return base_lr * batch_size * devices * accumulate
+
+
+def _drop_first_stage(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict hook: the frozen first stage never goes into checkpoints (it is reloaded from its path)."""
+    for key in [k for k in state_dict if k.startswith(prefix + FIRST_STAGE_PREFIX)]:
+        del state_dict[key]
+
+
+def _keep_loaded_first_stage(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook of the LDM module: keep the first-stage weights loaded from its path
+    (also when an older checkpoint carries a copy), so strict loading of checkpoints without them works."""
+    for key, value in module.first_stage.state_dict().items():
+        state_dict[prefix + FIRST_STAGE_PREFIX + key] = value
 
 
 class LatentDiffusionModule(DiffusionModule):
@@ -65,20 +92,55 @@ class LatentDiffusionModule(DiffusionModule):
         self.num_classes = getattr(net, "num_classes", None)
         self.label_dropout = float((conditioning or {}).get("label_dropout", 0.0))
         self._first_stage_loaded = False
+        self._first_stage_hash: str | None = None
+        self.register_state_dict_post_hook(_drop_first_stage)
+        self.register_load_state_dict_pre_hook(_keep_loaded_first_stage)
 
     # ----- first stage ------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Load the first-stage weights once (required for the VQ first stage; not needed for costs)."""
-        if self._first_stage_loaded or self.first_stage_cfg["kind"] != "vq":
+        self.load_first_stage()
+
+    def load_first_stage(self) -> str | None:
+        """Load the VQ weights from ``model.first_stage.ckpt_path`` (once); returns their content hash."""
+        if self.first_stage_cfg["kind"] != "vq":
+            return None
+        if not self._first_stage_loaded:
+            path = self.first_stage_cfg.get("ckpt_path")
+            if not path:
+                raise ValueError(
+                    "model.first_stage.ckpt_path is not set: download the CompVis vq-f4 checkpoint "
+                    "(or train one with `python -m sparse_dm.train_autoencoder`) and pass its path"
+                )
+            load_first_stage(self.first_stage, path)
+            self._first_stage_hash = state_hash(self.first_stage)
+            self._first_stage_loaded = True
+        return self._first_stage_hash
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record which first stage the weights were trained with (its weights stay out of the file)."""
+        super().on_save_checkpoint(checkpoint)
+        if self.first_stage_cfg["kind"] == "vq":
+            checkpoint[CHECKPOINT_HASH_KEY] = self.load_first_stage()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Reload the first stage from its path and refuse it unless it is the one the checkpoint used."""
+        super().on_load_checkpoint(checkpoint)
+        if self.first_stage_cfg["kind"] != "vq":
             return
-        path = self.first_stage_cfg.get("ckpt_path")
-        if not path:
+        expected = checkpoint.get(CHECKPOINT_HASH_KEY)
+        if expected is None:
             raise ValueError(
-                "model.first_stage.ckpt_path is not set: download the CompVis vq-f4 checkpoint "
-                "(or train one with `python -m sparse_dm.train_autoencoder`) and pass its path"
+                f"checkpoint has no {CHECKPOINT_HASH_KEY}: it was not written by this LatentDiffusionModule, "
+                "so the first stage it was trained with cannot be verified"
             )
-        load_first_stage(self.first_stage, path)
-        self._first_stage_loaded = True
+        actual = self.load_first_stage()
+        if actual != expected:
+            raise ValueError(
+                f"first stage mismatch: model.first_stage.ckpt_path={self.first_stage_cfg['ckpt_path']} has "
+                f"content hash {actual}, but the checkpoint was trained with {expected}. Point "
+                "model.first_stage.ckpt_path at the autoencoder this run was trained with."
+            )
 
     def train(self, mode: bool = True) -> LatentDiffusionModule:
         """Keep the frozen first stage in eval mode whatever Lightning asks of the module."""
@@ -95,11 +157,50 @@ class LatentDiffusionModule(DiffusionModule):
         return self.first_stage.decode(z).clamp(-1.0, 1.0)
 
     def on_fit_start(self) -> None:
-        """Switch the datamodule to cached latents when it is configured to cache them."""
+        """Switch the datamodule to cached latents when it is configured to cache them (the cache is
+        keyed by the first stage's content hash, not its path)."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.first_stage_cfg["kind"] == "vq" and hasattr(datamodule, "use_latents"):
-            tag = f"{self.first_stage_cfg.get('ckpt_path')}|{sorted(self.first_stage_cfg['params'].items())}"
-            datamodule.use_latents(self.encode_images, tag, self.device)
+            datamodule.use_latents(self.encode_images, self.load_first_stage(), self.device)
+
+    def sample_with(self, eps_fn, x_T: Tensor, generator: torch.Generator | None, **overrides: Any) -> Tensor:
+        """The configured sampler with ``sampling.discretization`` (compvis | uniform) for DDIM."""
+        cfg = {**self.sampling_cfg, **overrides}
+        return sample(
+            eps_fn,
+            x_T,
+            self.schedule,
+            sampler=cfg["sampler"],
+            num_steps=cfg["steps"],
+            eta=cfg["eta"],
+            generator=generator,
+            progress=cfg.get("progress", False),
+            discretization=cfg.get("discretization", "uniform"),
+        )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW; with ``optimizer.scale_lr`` its lr is CompVis's optimizer.lr x batch x devices x
+        accumulation (the config is left unchanged, so a resumed run scales the same way once)."""
+        optimizer = super().configure_optimizers()
+        if self.optimizer_cfg.get("scale_lr", False):
+            datamodule = self.trainer.datamodule
+            if datamodule is None:
+                raise ValueError("optimizer.scale_lr needs the batch size: fit with a datamodule")
+            lr = scaled_lr(
+                float(self.optimizer_cfg["lr"]),
+                int(datamodule.batch_size),
+                int(self.trainer.world_size),
+                int(self.trainer.accumulate_grad_batches),
+            )
+            optimizer.defaults["lr"] = lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            log.info(
+                "optimizer.scale_lr: lr %.3g = %.3g x batch x devices x accumulation",
+                lr,
+                self.optimizer_cfg["lr"],
+            )
+        return optimizer
 
     # ----- DiffusionModule hooks ------------------------------------------------------------------
     def prepare_batch(self, batch: dict[str, Tensor]) -> DiffusionBatch:

@@ -10,7 +10,7 @@ GroupNorms stay dense. All ops are shape-only friendly, so the model builds and 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from einops import rearrange
@@ -229,3 +229,62 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)
+
+
+COMPVIS_UNET_PREFIX = "model.diffusion_model."  # where a full CompVis LDM checkpoint keeps its UNet
+CLASS_EMBEDDER_PREFIX = "cond_stage_model."  # CompVis cin models: the ClassEmbedder
+CROSS_ATTENTION_MARKERS = ("transformer_blocks.", ".attn2.", ".proj_in.")  # SpatialTransformer keys
+
+
+def compvis_unet_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The UNet part of a full CompVis LDM state_dict (or a bare UNet state_dict), refusing the
+    class-conditional "cin" models, whose conditioning this UNet does not implement.
+
+    CompVis's ImageNet cin models condition through a ``ClassEmbedder`` (``cond_stage_model.*``) and
+    cross-attention (``SpatialTransformer``: ``transformer_blocks``, ``attn2``, ``proj_in``); our
+    class-conditional preset follows the UNet's own ``label_emb`` route with a null row for
+    classifier-free guidance (see conf/experiment/ldm_imagenet_cond.yaml).
+    """
+    cin_keys = sorted(
+        k
+        for k in state
+        if k.startswith(CLASS_EMBEDDER_PREFIX) or any(marker in k for marker in CROSS_ATTENTION_MARKERS)
+    )
+    if cin_keys:
+        raise ValueError(
+            "this is a CompVis class-conditional (cin) LDM: it conditions through a ClassEmbedder and "
+            f"cross-attention ({len(cin_keys)} keys such as {', '.join(cin_keys[:3])}), which sparse_dm's "
+            "UNet does not implement. sparse_dm's class-conditional preset adds a label_emb of "
+            "num_classes + 1 rows (the last one the null class for classifier-free guidance) to the time "
+            "embedding instead; train it from scratch (experiment=ldm_imagenet_cond), or load an "
+            "unconditional CompVis UNet."
+        )
+    prefix = COMPVIS_UNET_PREFIX
+    if any(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return dict(state)
+
+
+def load_compvis_unet(net: UNetModel, state: Mapping[str, Tensor]) -> UNetModel:
+    """Load CompVis-layout UNet weights strictly, with a summary of what does not match (not a shape dump)."""
+    unet_state = compvis_unet_state(state)
+    expected = net.state_dict()
+    emb = unet_state.get("label_emb.weight")
+    if emb is not None and net.num_classes is not None and emb.shape[0] == net.num_classes:
+        raise ValueError(
+            f"label_emb.weight has {emb.shape[0]} rows = num_classes: a CompVis label_emb without the null "
+            f"class; sparse_dm's conditional UNet has num_classes + 1 = {net.num_classes + 1} rows (the last "
+            "is the classifier-free-guidance null class), so these weights cannot be used as they are"
+        )
+    missing = sorted(set(expected) - set(unet_state))
+    unexpected = sorted(set(unet_state) - set(expected))
+    wrong = sorted(k for k in set(unet_state) & set(expected) if unet_state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
+            if keys
+        )
+        raise ValueError(f"the state_dict does not match the configured UNet (model.net): {details}")
+    net.load_state_dict(unet_state, strict=True)
+    return net

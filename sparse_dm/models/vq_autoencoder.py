@@ -9,9 +9,13 @@ and decoding quantises to the nearest code first, as LDM does.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import pickle
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -273,28 +277,100 @@ class VQModel(nn.Module):
         return self
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """Read a checkpoint with ``weights_only=True`` and return its raw state_dict.
+class InertPickledObject:
+    """Stand-in for the known harmless non-tensor objects of official checkpoints (Lightning callback
+    states, omegaconf configs, argparse namespaces): it only stores what the pickle hands it, never runs
+    the original class's code, and is discarded -- only ``state_dict`` tensors are used."""
 
-    Accepts a Lightning ``.ckpt`` (``{"state_dict": ...}``) or a bare state_dict. Never unpickles code.
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+# Globals found in CompVis / PyTorch-Lightning 1.x checkpoints besides tensors. Each is replaced by the
+# inert stand-in above (or, for typing.Any and builtin types, by the harmless type itself); anything else
+# is refused by torch's weights-only unpickler.
+KNOWN_HARMLESS_GLOBALS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "pytorch_lightning.callbacks.lr_monitor.LearningRateMonitor",
+    "pytorch_lightning.callbacks.early_stopping.EarlyStopping",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+    "lightning.fabric.utilities.data.AttributeDict",
+    "omegaconf.dictconfig.DictConfig",
+    "omegaconf.listconfig.ListConfig",
+    "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata",
+    "omegaconf.nodes.AnyNode",
+    "omegaconf.nodes.StringNode",
+    "omegaconf.nodes.IntegerNode",
+    "omegaconf.nodes.FloatNode",
+    "omegaconf.nodes.BooleanNode",
+    "argparse.Namespace",
+)
+HARMLESS_BUILTINS = (typing.Any, dict, list, tuple, set, int, float, str, bool, collections.defaultdict)
+CONVERSION_HINT = (
+    "In an environment you trust (with the libraries that wrote the file installed), extract the weights "
+    "once with: python -c \"import torch; torch.save(torch.load('model.ckpt', map_location='cpu', "
+    "weights_only=False)['state_dict'], 'first_stage_state_dict.pt')\" and point "
+    "model.first_stage.ckpt_path to that file."
+)
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The line of torch's long weights-only error that names the refused global."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
+
+
+def load_checkpoint_safely(path: str | Path) -> Any:
+    """``torch.load`` that never runs code from the file.
+
+    Plain tensor checkpoints load with ``weights_only=True``. Official Lightning checkpoints that also
+    pickle callback states or omegaconf objects load through the same weights-only unpickler with
+    KNOWN_HARMLESS_GLOBALS mapped to an inert stand-in; any other global (e.g. ``os.system`` in a
+    ``__reduce__`` payload) is refused with the conversion hint.
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"first-stage checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    allowlist = [(InertPickledObject, name) for name in KNOWN_HARMLESS_GLOBALS] + list(HARMLESS_BUILTINS)
+    try:
+        with torch.serialization.safe_globals(allowlist):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
-            f"{path} cannot be read with torch.load(weights_only=True): it pickles objects other than "
-            "tensors (e.g. callbacks or configs). We do not unpickle arbitrary code. In an environment "
-            "you trust, extract the weights once, e.g. "
-            "torch.save(torch.load(p, weights_only=False)['state_dict'], 'first_stage_state_dict.pt'), "
-            f"and point model.first_stage.ckpt_path to that file. Original error: {err}"
+            f"refusing to load {path}: it pickles objects that are not tensors, plain containers or the "
+            f"known harmless Lightning/omegaconf globals ({_unpickler_reason(err)}). Unpickling them could "
+            f"run arbitrary code. {CONVERSION_HINT}"
         ) from err
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """The raw state_dict of a Lightning ``.ckpt`` (``{"state_dict": ...}``) or of a bare state_dict,
+    read with load_checkpoint_safely (never unpickles code)."""
+    obj = load_checkpoint_safely(path)
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} holds no state_dict of tensors (top-level type {type(obj).__name__})")
     return dict(state)
+
+
+def state_hash(module: nn.Module) -> str:
+    """SHA-256 of a module's weights (names, dtypes, shapes, bytes): identifies a first stage by content,
+    so a different file at the same path is never mistaken for the one a run or a cache was made with."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def first_stage_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
