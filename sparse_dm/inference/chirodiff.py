@@ -8,6 +8,8 @@ there (out(proj(0), c)), so whole tensors compare equal, not only the real posit
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -24,8 +26,8 @@ class SparseChiroDiffNet(nn.Module):
 
     def __init__(self, net: ChiroDiffNet, sparse: dict[str, bool]) -> None:
         super().__init__()
-        self.time_embed = net.time_embed
-        self.class_embed = net.class_embed
+        self.time_embed = copy.deepcopy(net.time_embed)
+        self.class_embed = copy.deepcopy(net.class_embed)
         layers = range(net.gru.num_layers)
         self.gru = SparseBiGRU(
             net.gru,
@@ -44,9 +46,9 @@ class SparseChiroDiffNet(nn.Module):
         self.out_bias = net.out.bias.detach().clone()
         self._columns: PackedColumns | None = None
         self._lengths: Tensor | None = None
+        self.requires_grad_(False)
 
-    def _conditioning(self, t: Tensor, cond: Tensor | None) -> Tensor:
-        return ChiroDiffNet._conditioning(self, t, cond)  # type: ignore[arg-type]
+    _conditioning = ChiroDiffNet._conditioning  # the time (+ class) embedding, exactly as trained
 
     def _packing(self, lengths: Tensor | None, batch: int, max_len: int) -> PackedColumns:
         """Cached: a sampler calls the net many times with the same lengths."""
@@ -55,9 +57,10 @@ class SparseChiroDiffNet(nn.Module):
         same = (
             cached is not None
             and (cached.batch, cached.max_len) == (batch, max_len)
-            and ((key is None and self._lengths is None) or (
-                key is not None and self._lengths is not None and torch.equal(key, self._lengths)
-            ))
+            and (
+                (key is None and self._lengths is None)
+                or (key is not None and self._lengths is not None and torch.equal(key, self._lengths))
+            )
         )
         if not same:
             self._columns = pack_columns(key, batch, max_len)

@@ -13,13 +13,13 @@ factors 2 and the shift are folded into the weights (`shifted_columns`, `double_
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
-
 from dataclasses import dataclass
 from typing import Any
 
-from sparse_dm.inference.kernels import masked_weight, matmul_into, storage, with_bias_column
+import torch
+from torch import Tensor, nn
+
+from sparse_dm.inference.kernels import masked_weight, matmul_into, storage
 from sparse_dm.inference.packing import PackedColumns, natural_columns
 
 GATES = 3  # r, z, n
