@@ -186,3 +186,11 @@ class SparseBiGRU(nn.Module):
             torch.index_select(out[:two_h], 1, columns.mirror, out=out[two_h + 1 :])
             paired = out
         return paired
+
+    def unpack(self, paired: Tensor, columns: PackedColumns) -> Tensor:
+        """A paired output -> nn.GRU's batch-first output (B, L, 2H), zeros at padded positions."""
+        hidden = self.hidden
+        natural = torch.cat([paired[:hidden], paired[3 * hidden + 1 :]]).mul(2).sub(1).t()
+        flat = torch.zeros(columns.batch * columns.max_len, 2 * hidden, dtype=paired.dtype)
+        flat.index_copy_(0, columns.source_rows, natural)
+        return flat.view(columns.batch, columns.max_len, 2 * hidden)
