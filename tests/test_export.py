@@ -82,8 +82,8 @@ def test_exported_file_size_follows_density(tmp_path):
 
 def test_refuses_files_that_are_not_exports(tmp_path):
     torch.save({"format": "something else"}, tmp_path / "a.sdm")
-    with pytest.raises(ValueError, match="not a sparse_dm.sdm file"):
+    with pytest.raises(ValueError, match=r"not a sparse_dm.sdm file"):
         read_sdm(tmp_path / "a.sdm")
     torch.save({"format": "sparse_dm.sdm", "version": 1, "payload": Unpicklable()}, tmp_path / "b.sdm")
-    with pytest.raises(ValueError, match="refusing to load"):
+    with pytest.raises(ValueError, match=r"refusing to load"):
         read_sdm(tmp_path / "b.sdm")

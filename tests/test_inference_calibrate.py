@@ -45,7 +45,7 @@ def test_fixed_thresholds_skip_calibration_and_are_checked(monkeypatch):
     monkeypatch.setattr(calibrate, "measure_thresholds", lambda p: pytest.fail("calibrated"))
     cfg = {**default_inference_config(), "threshold_linear": 0.2, "threshold_gru": 0.1}
     assert resolve_thresholds(cfg) == Thresholds(0.2, 0.1)
-    with pytest.raises(ValueError, match="inference.threshold_gru"):
+    with pytest.raises(ValueError, match=r"inference.threshold_gru"):
         resolve_thresholds({**cfg, "threshold_gru": 1.5})
-    with pytest.raises(ValueError, match="inference.calibration.densities"):
+    with pytest.raises(ValueError, match=r"inference.calibration.densities"):
         CalibrationProtocol.from_mapping({**TINY, "densities": [0.0]})

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from run_config import CONF_DIR
 from tiny_run import fake_run
 
@@ -36,10 +36,10 @@ def test_sparse_and_dense_backends_and_export_give_the_same_drawings(tmp_path):
 
 def test_bad_choices_are_refused(tmp_path):
     ckpt = fake_run(tmp_path / "run")
-    with pytest.raises(ValueError, match="backend='fast'"):
+    with pytest.raises(ValueError, match=r"backend='fast'"):
         sample(sample_cfg(tmp_path, ckpt, backend="fast"))
-    with pytest.raises(ValueError, match="inference.threshold_linear"):
+    with pytest.raises(ValueError, match=r"inference.threshold_linear"):
         sample(sample_cfg(tmp_path, ckpt, **{"inference.threshold_linear": 2.0}))
     sdm = export(OmegaConf.create({"ckpt_path": str(ckpt), "run_dir": None, "out": None, "weights": "ema"}))
-    with pytest.raises(ValueError, match="weights=raw with an .sdm"):
+    with pytest.raises(ValueError, match=r"weights=raw with an .sdm"):
         sample(sample_cfg(tmp_path, sdm, weights="raw"))
