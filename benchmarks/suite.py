@@ -49,10 +49,11 @@ FULL = {
     "ddim_steps": 50,
     "sparsities": [0.5, 0.75, 0.9, 0.95],
     "threads": [1, 2],
+    "train_batch": None,  # None: the default dataset.batch_size (128)
     "inference": {},  # conf/inference/default.yaml as is: thresholds measured on this machine (cached)
 }
 QUICK = {**FULL, "train_pairs": 2, "warmup": 1, "update_repeats": 1, "ddim_pairs": 1, "ddim_steps": 2,
-         "ddim_batch": 8, "sparsities": [0.9], "threads": [1],
+         "ddim_batch": 8, "sparsities": [0.9], "threads": [1], "train_batch": 8,
          "inference": {"threshold_linear": 1.0, "threshold_gru": 1.0}}  # fmt: skip
 TRAIN_SPARSITY = 0.9
 PAPER_TE = {"chirodiff": 800, "unet": 1100}  # the paper's Te per family
@@ -309,10 +310,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
 def run(settings: dict, out_json: Path, out_md: Path) -> dict[str, Any]:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(settings["threads"]))
-    train_batch = compose_cfg([]).dataset.batch_size
+    train_batch = settings["train_batch"] or compose_cfg([]).dataset.batch_size
     training = [
         measure_training(
-            "ChiroDiff KanjiVG default (bi-GRU 3x96), batch 128",
+            f"ChiroDiff KanjiVG default (bi-GRU 3x96), batch {train_batch}",
             "chirodiff",
             chirodiff_case(train_batch),
             settings,
