@@ -19,8 +19,8 @@ train:  ## the default CPU run on the bundled KanjiVG (a few minutes)
 cost:
 	$(PYTHON) -m sparse_dm.cost
 
-bench:  ## sparse-engine overhead vs dense, same process
-	$(PYTHON) -m benchmarks.engine_overhead
+bench:  ## sparse vs dense: training step, mask update, DDIM sampling, file size (a few minutes)
+	$(PYTHON) -m benchmarks.suite
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache .ruff_cache

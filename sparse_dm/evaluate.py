@@ -32,7 +32,9 @@ from sparse_dm.eval.fidelity import (
     resolve_weights,
 )
 from sparse_dm.eval.images_for_fid import generated_batches, reference_batches, reference_identity
+from sparse_dm.inference.config import default_inference_config
 from sparse_dm.lightning.diffusion_module import DiffusionModule
+from sparse_dm.sample import BACKENDS, check_choice, prepare
 from sparse_dm.summary import write_summary
 from sparse_dm.train import build_run
 
@@ -52,6 +54,8 @@ EVALUATE_DEFAULTS = {
     "num_reference": None,  # null: the whole training set
     "seed": 0,
     "device": None,  # null: cuda when available
+    "backend": "dense",  # dense | sparse: the sparse inference form (CPU; see sparse_dm.inference)
+    "inference": default_inference_config(),
     "fidelity": {
         "feature_extractor": "inception-v3-compat",
         "weights_path": None,  # local Inception weights for offline machines
@@ -126,6 +130,7 @@ def merge_results(summary_path: Path, result: dict[str, Any], steps: int, defaul
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate one checkpoint; returns the FID/KID record also merged into the run's summary.json."""
     fidelity = FidelityConfig.from_mapping(OmegaConf.to_container(cfg.fidelity, resolve=True))
+    check_choice("backend", cfg.backend, BACKENDS)
     resolve_weights(fidelity)  # fail before building or sampling anything
     ckpt_path = Path(cfg.ckpt_path)
     run_dir = run_dir_of(ckpt_path, cfg.run_dir)
@@ -139,6 +144,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module.on_load_checkpoint(checkpoint)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module.to(device).eval()
+    weights = module.sampling_cfg["weights"]
+    prepare(module, cfg.backend, weights, OmegaConf.to_container(cfg.inference, resolve=True))
     default_steps = int(run_cfg.model.sampling.steps)
     steps = int(cfg.sampling_steps or default_steps)
     identity = reference_identity(
@@ -154,6 +161,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "num_reference": reference.count,
         "feature_extractor": fidelity.feature_extractor,
         "eval_ckpt_path": str(ckpt_path),
+        "backend": cfg.backend,
+        "weights": weights,
     }
     merge_results(summary_path, result, steps, default_steps)
     log.info(

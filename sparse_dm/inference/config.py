@@ -1,0 +1,15 @@
+"""The `inference` config group's defaults (conf/inference/default.yaml), for entry points that
+build their config in code (sparse_dm.evaluate) rather than from a Hydra defaults list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "inference" / "default.yaml"
+
+
+def default_inference_config() -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG), resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,139 @@
+"""Trained (masked) network -> its inference form, choosing CSR or dense per matrix by density.
+
+`inference_form(net, thresholds)` works on any network carrying `<param>_mask` buffers (what the
+SparseEngine registers, and what every checkpoint and `.sdm` export holds):
+- ChiroDiffNet whose GRU is sparse enough (`thresholds.gru`): `SparseChiroDiffNet`, feature-major
+  end to end, each matrix CSR when its density <= `thresholds.linear`;
+- anything else: a copy with masked `nn.Linear` layers below `thresholds.linear` replaced by
+  `SparseLinear` and every other masked weight multiplied out (convolutions stay dense: unstructured
+  CSR convolutions were never faster on CPU, see docs/benchmarks.md).
+The form is inference only (no autograd) and equals the masked dense network up to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparse_dm.inference.calibrate import Thresholds
+from sparse_dm.inference.chirodiff import SparseChiroDiffNet
+from sparse_dm.inference.kernels import density, masked_weight
+from sparse_dm.inference.sparse_gru import paired_weight
+from sparse_dm.inference.sparse_linear import SparseLinear
+from sparse_dm.models.chirodiff import ChiroDiffNet
+from sparse_dm.sparsity.masks import MASK_SUFFIX
+
+log = logging.getLogger(__name__)
+
+CSR, DENSE = "csr", "dense"
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """One matrix of the inference form: its density and the kernel chosen for it."""
+
+    name: str
+    density: float
+    kernel: str
+
+
+def _choice(name: str, matrix: torch.Tensor, threshold: float) -> LayerChoice:
+    d = density(matrix)
+    return LayerChoice(name, d, CSR if d <= threshold else DENSE)
+
+
+def chirodiff_choices(net: ChiroDiffNet, thresholds: Thresholds) -> list[LayerChoice] | None:
+    """Per-matrix kernels for SparseChiroDiffNet, or None when the GRU should stay nn.GRU."""
+    gru = net.gru
+    recurrent = [
+        density(masked_weight(gru, f"weight_hh_l{layer}{suffix}"))
+        for layer in range(gru.num_layers)
+        for suffix in ("", "_reverse")
+    ]
+    if max(recurrent) > thresholds.gru:
+        return None
+    choices = []
+    for layer in range(gru.num_layers):
+        fwd, rev = (
+            masked_weight(gru, f"weight_ih_l{layer}"),
+            masked_weight(gru, f"weight_ih_l{layer}_reverse"),
+        )
+        width = gru.input_size if layer == 0 else 2 * gru.hidden_size
+        paired = paired_weight(fwd, rev, torch.zeros(2 * fwd.shape[0]), width, from_bigru=layer > 0)
+        choices.append(_choice(f"gru.input.{layer}", paired, thresholds.linear))
+        hh = density(torch.cat([masked_weight(gru, f"weight_hh_l{layer}{s}") for s in ("", "_reverse")]))
+        choices.append(LayerChoice(f"gru.recurrent.{layer}", hh, CSR))
+    choices.append(_choice("proj", masked_weight(net.proj, "weight"), thresholds.linear))
+    choices.append(_choice("out", masked_weight(net.out, "weight"), thresholds.linear))
+    return choices
+
+
+@torch.no_grad()
+def generic_form(net: nn.Module, thresholds: Thresholds) -> tuple[nn.Module, list[LayerChoice]]:
+    form = copy.deepcopy(net)
+    choices = []
+    for name, module in list(form.named_modules()):
+        masks = [b for b, _ in module.named_buffers(recurse=False) if b.endswith(MASK_SUFFIX)]
+        for buffer in masks:
+            attr = buffer[: -len(MASK_SUFFIX)]
+            getattr(module, attr).copy_(masked_weight(module, attr))
+        if isinstance(module, nn.Linear) and "weight" + MASK_SUFFIX in masks:
+            choice = _choice(name, module.weight, thresholds.linear)
+            choices.append(choice)
+            if choice.kernel == CSR:
+                parent_name, _, child = name.rpartition(".")
+                setattr(form.get_submodule(parent_name), child, SparseLinear(module))
+        elif masks:
+            choices.extend(
+                LayerChoice(
+                    f"{name}.{b[: -len(MASK_SUFFIX)]}",
+                    density(getattr(module, b[: -len(MASK_SUFFIX)])),
+                    DENSE,
+                )
+                for b in masks
+            )
+    form.requires_grad_(False)
+    return form, choices
+
+
+def inference_form(net: nn.Module, thresholds: Thresholds) -> tuple[nn.Module, list[LayerChoice]]:
+    """The inference form of `net` (a new module; `net` is not changed) and the per-matrix choices."""
+    choices = chirodiff_choices(net, thresholds) if isinstance(net, ChiroDiffNet) else None
+    if choices is not None:
+        form: nn.Module = SparseChiroDiffNet(net, {c.name: c.kernel == CSR for c in choices})
+    else:
+        form, choices = generic_form(net, thresholds)
+    for choice in choices:
+        log.info("inference form: %-22s density %.3f -> %s", choice.name, choice.density, choice.kernel)
+    return form.eval(), choices
+
+
+WEIGHTS = ("ema", "raw")
+
+
+def install_inference_form(
+    module: nn.Module, thresholds: Thresholds, weights: str = "ema"
+) -> list[LayerChoice]:
+    """Replace `module.net` (a DiffusionModule's denoiser) by the inference form of its `weights`
+    ('ema': the masked EMA average; 'raw': the training weights). The form holds those values, so
+    the module then samples with its own net (`sampling.weights` becomes 'raw')."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    device = next(module.net.parameters()).device
+    if device.type != "cpu":
+        raise ValueError(
+            f"the sparse inference form runs on the CPU (MKL CSR kernels); the model is on {device}: "
+            "use backend=dense there"
+        )
+    if weights == "ema":
+        with module.ema_weights():
+            form, choices = inference_form(module.net, thresholds)
+    else:
+        form, choices = inference_form(module.net, thresholds)
+    module.net = form
+    module.sampling_cfg["weights"] = "raw"
+    return choices

@@ -1,0 +1,107 @@
+"""`python -m sparse_dm.sample ckpt_path=... [backend=sparse|dense]`: checkpoint in, samples out.
+
+Loads a Lightning checkpoint (with its run folder) or an `.sdm` export, optionally converts the
+denoiser to the sparse inference form (sparse_dm.inference), samples `num_samples` with the model's
+sampler and a fixed seed, and writes `samples_<backend>.png` (grid) and `samples_<backend>.npz`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sparse_dm.export import SUFFIX, WEIGHTS
+from sparse_dm.inference import install_inference_form, resolve_thresholds
+from sparse_dm.inference.sources import load_module
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("sparse", "dense")
+
+
+def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"invalid config: {key}={value!r}; allowed: one of {allowed}")
+
+
+def prepare(module: Any, backend: str, weights: str, inference_cfg: dict[str, Any]) -> None:
+    """Make `module` sample with `weights` (ema | raw) on `backend`."""
+    if backend == "sparse":
+        choices = install_inference_form(module, resolve_thresholds(inference_cfg), weights)
+        log.info("sparse form: %d of %d matrices CSR", sum(c.kernel == "csr" for c in choices), len(choices))
+    else:
+        module.sampling_cfg["weights"] = weights
+
+
+def save_arrays(samples: Any, path: Path) -> Path:
+    """Sketches (list of (n_i, 3) deltas) as concatenated deltas + lengths; images as uint8 arrays."""
+    if isinstance(samples, list):
+        arrays = {
+            "deltas": torch.cat(samples).numpy(),
+            "lengths": np.array([len(s) for s in samples], dtype=np.int64),
+        }
+    else:
+        arrays = {"images": samples.detach().cpu().numpy()}
+    np.savez(path, **arrays)
+    return path
+
+
+def sample(cfg: DictConfig) -> dict[str, Any]:
+    check_choice("backend", cfg.backend, BACKENDS)
+    if cfg.weights is not None:
+        check_choice("weights", cfg.weights, WEIGHTS)
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    inference_cfg = OmegaConf.to_container(cfg.inference, resolve=True)
+    path = Path(cfg.ckpt_path)
+    module, step = load_module(path, cfg.run_dir)
+    if path.suffix == SUFFIX:
+        exported = "as exported"
+        if cfg.weights is not None:
+            raise ValueError(
+                f"invalid config: weights={cfg.weights} with an .sdm; allowed: null (the file holds the "
+                "weights it was exported with)"
+            )
+        weights = "raw"  # the exported weights are the module's own
+        out_dir = Path(cfg.out_dir) if cfg.out_dir else path.parent
+    else:
+        weights = cfg.weights or module.sampling_cfg["weights"]
+        exported = weights
+        out_dir = Path(cfg.out_dir) if cfg.out_dir else path.resolve().parent.parent / "samples"
+    prepare(module, cfg.backend, weights, inference_cfg)
+    overrides = {} if cfg.steps is None else {"steps": int(cfg.steps)}
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    start = time.perf_counter()
+    with module.sampling_weights():
+        samples = module.generate(int(cfg.num_samples), generator, **overrides)
+    seconds = time.perf_counter() - start
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = module.save_samples(samples, out_dir / f"samples_{cfg.backend}.png")
+    arrays = save_arrays(samples, out_dir / f"samples_{cfg.backend}.npz")
+    log.info(
+        "%d samples (step %s, %s weights, %s) in %.2f s -> %s, %s",
+        cfg.num_samples,
+        step,
+        exported,
+        cfg.backend,
+        seconds,
+        grid,
+        arrays,
+    )
+    return {"grid": grid, "arrays": arrays, "seconds": seconds, "step": step, "samples": samples}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()
