@@ -104,9 +104,9 @@ def generated_batches(
     grid_path: Path | None = None,
     progress: bool = False,
 ) -> Iterator[torch.Tensor]:
-    """num_samples samples with the `sampling.weights` (EMA or raw) as uint8 RGB batches, generated lazily; the first ones
-    optionally saved as a grid. All noise comes from `generator`, so the result depends only on its seed
-    and the weights."""
+    """num_samples samples with the `sampling.weights` (EMA or raw) as uint8 RGB batches, generated
+    lazily; the first ones optionally saved as a grid. All noise comes from `generator`, so the result
+    depends only on its seed and the weights."""
     with module.sampling_weights():
         for start in tqdm(
             range(0, num_samples, batch_size), desc=f"sampling ({steps} steps)", disable=not progress
