@@ -2,11 +2,13 @@
 
 Loads a Lightning checkpoint (with its run folder) or an `.sdm` export, optionally converts the
 denoiser to the sparse inference form (sparse_dm.inference), samples `num_samples` with the model's
-sampler and a fixed seed, and writes `samples_<backend>.png` (grid) and `samples_<backend>.npz`.
+sampler and a fixed seed, and writes `samples_<backend>.png` (grid), `samples_<backend>.npz` and
+`samples_<backend>.json` (step, weights, timing and, for sketches, the sketch statistics).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -85,8 +87,16 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = module.save_samples(samples, out_dir / f"samples_{cfg.backend}.png")
     arrays = save_arrays(samples, out_dir / f"samples_{cfg.backend}.npz")
+    record = {
+        "step": step,
+        "weights": exported,
+        "backend": cfg.backend,
+        "seconds": seconds,
+        "sketch_stats": getattr(module, "sample_stats", None),  # ChiroDiff: measured by save_samples
+    }
+    (out_dir / f"samples_{cfg.backend}.json").write_text(json.dumps(record, indent=2))
     log.info(
-        "%d samples (step %s, %s weights, %s) in %.2f s -> %s, %s",
+        "%d samples (step %s, %s weights, %s) in %.2f s -> %s, %s; sketch stats %s",
         cfg.num_samples,
         step,
         exported,
@@ -94,8 +104,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         seconds,
         grid,
         arrays,
+        record["sketch_stats"],
     )
-    return {"grid": grid, "arrays": arrays, "seconds": seconds, "step": step, "samples": samples}
+    return {**record, "grid": grid, "arrays": arrays, "samples": samples}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")

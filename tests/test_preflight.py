@@ -50,7 +50,8 @@ def test_cost_reports_checkpoint_disk_and_memory_of_the_paper_preset(tmp_path):
     weights = 273_872_704  # every conv / linear weight of the UNet carries a bool mask
     float_bytes = 4 * params
     adam = 2 * float_bytes + 4 * len(list(module.net.parameters()))
-    assert disk["checkpoint_bytes"] == float_bytes * 2 + weights + adam  # net + EMA + masks + AdamW
+    ema_counter = 8  # MaskedEMA.num_updates (int64), the warm-up state
+    assert disk["checkpoint_bytes"] == float_bytes * 2 + ema_counter + weights + adam  # net+EMA+masks+AdamW
     assert disk["train_steps"] == 156_300
     assert disk["checkpoint_files"] == {
         "checkpoint": 313,

@@ -3,6 +3,8 @@ network or the sparse inference form; bad choices are refused naming the key."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
@@ -10,6 +12,7 @@ from omegaconf import OmegaConf
 from run_config import CONF_DIR
 from tiny_run import fake_run
 
+from sparse_dm.eval.sketch_stats import sketch_stats
 from sparse_dm.export import export
 from sparse_dm.sample import sample
 
@@ -32,6 +35,11 @@ def test_sparse_and_dense_backends_and_export_give_the_same_drawings(tmp_path):
         assert np.array_equal(other["lengths"], arrays[0]["lengths"])
         np.testing.assert_allclose(other["deltas"], arrays[0]["deltas"], atol=1e-4, rtol=1e-4)
     assert dense["grid"].is_file() and dense["grid"].stat().st_size > 0
+    record = json.loads((tmp_path / "out" / "samples_dense.json").read_text())
+    deltas, lengths = arrays[0]["deltas"], arrays[0]["lengths"]
+    drawings = np.split(deltas, np.cumsum(lengths)[:-1])
+    assert record["sketch_stats"] == pytest.approx(sketch_stats(drawings, 0.5))
+    assert (record["weights"], record["backend"]) == ("ema", "dense")
 
 
 def test_bad_choices_are_refused(tmp_path):

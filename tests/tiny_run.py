@@ -34,7 +34,7 @@ def fake_run(output_dir: Path, overrides: tuple[str, ...] = ()) -> Path:
     generator = torch.Generator().manual_seed(1)
     for param in module.net.parameters():
         param.add_(0.3 * torch.randn(param.shape, generator=generator))
-    for shadow in module.ema.buffers():
+    for shadow in filter(torch.is_floating_point, module.ema.buffers()):
         shadow.add_(0.1 * torch.randn(shadow.shape, generator=generator))
     apply_masks(engine.weights)
     module.ema.remask(module.net)
