@@ -2,6 +2,9 @@
 
 config -> datamodule + LightningModule -> SparseEngine masks on module.net -> callbacks, loggers,
 Trainer -> fit -> summary.json (+ samples, checkpoints, CSV/W&B logs) in the run's output dir.
+
+Resuming is always explicit (`resume=never|auto|<file.ckpt>`): a new run refuses a folder that holds
+a previous one, and nothing is written before the config, the run folder and the checkpoint check out.
 """
 
 from __future__ import annotations
@@ -15,13 +18,24 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm import config
 from sparse_dm.cost import compute_cost
 from sparse_dm.lightning.diffusion_module import DiffusionModule
 from sparse_dm.lightning.dst_callback import DSTCallback
+from sparse_dm.lightning.checkpointing import (
+    AtomicCheckpointIO,
+    ResumeCheckpoint,
+    RunFingerprint,
+    check_resume_compatible,
+    list_checkpoints,
+    read_checkpoint,
+    resolve_resume,
+)
 from sparse_dm.lightning.fidelity_callback import FidelityCallback
+from sparse_dm.lightning.init_from import check_init_compatible, init_from_checkpoint
 from sparse_dm.lightning.rng_state import RNGStateCallback
 from sparse_dm.lightning.wandb_logging import build_loggers, finish_loggers
 from sparse_dm.sparsity.engine import SparseEngine
@@ -69,31 +83,77 @@ def _metrics(trainer: L.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
 
 
+class RunPreempted(SystemExit):
+    """Training stopped at a preemption signal after writing a resumable last.ckpt (exit status 1)."""
+
+
+def resolve_start(cfg: DictConfig, output_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to resume from and the one to initialise weights from, both checked against the
+    config; raises before anything is written. Ranks > 0 skip the folder check: rank 0 has already
+    started writing into the same folder when they start."""
+    if cfg.resume not in ("never", "auto") and cfg.init_from is not None:
+        raise config.ConfigError("invalid config: resume=<path> and init_from are exclusive; set one")
+    if cfg.resume == "never" and rank_zero_only.rank != 0:
+        resume_path = None
+    else:
+        resume_path = resolve_resume(str(cfg.resume), output_dir)
+    if resume_path is not None:
+        check_resume_compatible(read_checkpoint(resume_path), resume_path, cfg)
+    init = None
+    if cfg.init_from is not None and resume_path is None:
+        init = read_checkpoint(Path(cfg.init_from))
+        check_init_compatible(init, Path(cfg.init_from), cfg)
+    return resume_path, init
+
+
+def checkpoint_records(directory: Path) -> list[dict[str, Any]]:
+    """Every checkpoint of the run with the step it holds, newest first."""
+    return [{"path": str(path), "step": step} for step, path in list_checkpoints(directory)]
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one run and return its summary (also written to <output_dir>/summary.json)."""
     start = time.perf_counter()
+    config.validate(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    resume_path, init = resolve_start(cfg, output_dir)
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     module, datamodule, engine = build_run(cfg)
+    if init is not None:
+        init_from_checkpoint(module, engine, init)
     module.output_dir = output_dir
     cost = compute_cost(cfg, module)
     callbacks: list[L.Callback] = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    callbacks.append(RNGStateCallback())
+    callbacks += [RNGStateCallback(), RunFingerprint(cfg)]
     if engine is not None:
         callbacks.append(DSTCallback(engine))
+    resume_checkpoint = next((c for c in callbacks if isinstance(c, ResumeCheckpoint)), None)
+    if resume_checkpoint is not None and cfg.resume != "auto":
+        resume_checkpoint.requeue = False  # a requeued job repeats its command: only resume=auto continues
     loggers = build_loggers(cfg, output_dir)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(output_dir)
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers,
+        default_root_dir=str(output_dir),
+        plugins=[AtomicCheckpointIO()],
     )
     metrics: dict[str, float] = {}
     try:
-        if cfg.validate_before_fit and cfg.ckpt_path is None:
+        if cfg.validate_before_fit and resume_path is None:
             trainer.validate(module, datamodule=datamodule, verbose=False)
             metrics["val/loss_initial"] = _metrics(trainer)["val/loss"]
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+        if resume_checkpoint is not None and resume_checkpoint.preempted_at is not None:
+            raise RunPreempted(
+                f"preempted ({resume_checkpoint.received.name if resume_checkpoint.received else 'signal'}) "
+                f"at step {resume_checkpoint.preempted_at}: {resume_checkpoint.path} holds it; continue with "
+                f"resume=auto and the same paths.output_dir={output_dir}"
+            )
         if module.last_validated_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
             module.write_samples()
@@ -101,9 +161,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         finish_loggers(loggers, "failed")
         raise
     metrics.update(_metrics(trainer))
-    checkpoints = sorted(str(p) for p in (output_dir / "checkpoints").glob("*.ckpt"))
     summary = build_summary(
-        cfg, cost, module.net, engine, metrics, module.sample_paths, checkpoints, time.perf_counter() - start
+        cfg,
+        cost,
+        module.net,
+        engine,
+        metrics,
+        module.sample_paths,
+        checkpoint_records(output_dir / "checkpoints"),
+        time.perf_counter() - start,
     )
     fidelity = next((c for c in callbacks if isinstance(c, FidelityCallback)), None)
     if fidelity is not None:

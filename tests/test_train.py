@@ -51,7 +51,8 @@ def test_run_writes_summary_samples_and_checkpoints(tmp_path, method):
     assert math.isfinite(on_disk["metrics"]["val/loss"])
     assert math.isfinite(on_disk["metrics"]["val/loss_initial"])
     assert on_disk["samples"] and all((tmp_path / "samples").glob("*.png"))
-    assert any(p.endswith("last.ckpt") for p in on_disk["checkpoints"])
+    last = {"path": str(tmp_path / "checkpoints" / "last.ckpt"), "step": 6}
+    assert on_disk["checkpoints"][0] == last  # the final step, named with its step
     assert (tmp_path / "csv" / "metrics.csv").exists()
     for layer in on_disk["layers"]:
         assert layer["nnz"] == layer["target_nnz"] >= layer["nonzero"]
@@ -63,7 +64,7 @@ def test_run_writes_summary_samples_and_checkpoints(tmp_path, method):
         assert on_disk["mask_updates"] == 0 and on_disk["flops_train_ratio"] == 1.0
 
 
-def test_crash_leaves_a_resumable_checkpoint(tmp_path, monkeypatch):
+def test_crash_keeps_last_checkpoint_and_resume_auto_continues(tmp_path, monkeypatch):
     original = ChiroDiffModule.training_step
 
     def crash_at_step_4(self, batch, batch_idx):
@@ -74,10 +75,12 @@ def test_crash_leaves_a_resumable_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ChiroDiffModule, "training_step", crash_at_step_4)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(compose_config(tmp_path, TINY_CHIRODIFF))
-    crash_ckpt = tmp_path / "checkpoints" / "on_exception.ckpt"
-    state = torch.load(crash_ckpt, map_location="cpu", weights_only=True)  # loads without unpickling code
-    assert state["global_step"] == 4 and state["callbacks"]["DSTCallback"]["num_updates"] == 2
+    # The half-finished step is not checkpointed; last.ckpt is the last step boundary written.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "step_000003.ckpt"]
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 3 and last["callbacks"]["DSTCallback"]["num_updates"] == 1
 
     monkeypatch.setattr(ChiroDiffModule, "training_step", original)
-    summary = run(compose_config(tmp_path / "resumed", [*TINY_CHIRODIFF, f"ckpt_path={crash_ckpt}"]))
+    summary = run(compose_config(tmp_path, [*TINY_CHIRODIFF, "resume=auto"]))
     assert summary["mask_updates"] == 3 and math.isfinite(summary["metrics"]["val/loss"])
+    assert summary["checkpoints"][0] == {"path": str(tmp_path / "checkpoints" / "last.ckpt"), "step": 6}

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from sparse_dm.sparsity.distributed import verify_identical_masks
 from sparse_dm.sparsity.ema import MaskedEMA
 from sparse_dm.sparsity.engine import SparseEngine, UpdateReport
 
@@ -48,6 +49,8 @@ class DSTCallback(L.Callback):
             return
         self._last_step = trainer.global_step
         report = self.engine.after_step(trainer.optimizers[0])
+        if report is not None and trainer.world_size > 1:
+            verify_identical_masks(self.engine.weights, trainer.strategy.all_gather, trainer.global_step)
         if report is not None:
             ema = getattr(pl_module, "ema", None)
             if isinstance(ema, MaskedEMA):
