@@ -23,21 +23,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm import config
 from sparse_dm.cost import compute_cost
-from sparse_dm.lightning.diffusion_module import DiffusionModule
-from sparse_dm.lightning.dst_callback import DSTCallback
 from sparse_dm.lightning.checkpointing import (
     AtomicCheckpointIO,
     ResumeCheckpoint,
     RunFingerprint,
+    TrainingPreempted,
     check_resume_compatible,
     list_checkpoints,
     read_checkpoint,
     resolve_resume,
 )
+from sparse_dm.lightning.csv_history import read_csv_history, restore_csv_history
+from sparse_dm.lightning.diffusion_module import DiffusionModule
+from sparse_dm.lightning.dst_callback import DSTCallback
 from sparse_dm.lightning.fidelity_callback import FidelityCallback
 from sparse_dm.lightning.init_from import check_init_compatible, init_from_checkpoint
 from sparse_dm.lightning.rng_state import RNGStateCallback
-from sparse_dm.lightning.wandb_logging import build_loggers, finish_loggers
+from sparse_dm.lightning.wandb_logging import CSV_DIR, build_loggers, finish_loggers
 from sparse_dm.sparsity.engine import SparseEngine
 from sparse_dm.summary import build_summary, write_summary
 
@@ -87,7 +89,7 @@ class RunPreempted(SystemExit):
     """Training stopped at a preemption signal after writing a resumable last.ckpt (exit status 1)."""
 
 
-def resolve_start(cfg: DictConfig, output_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
+def resolve_start(cfg: DictConfig, output_dir: Path) -> tuple[Path | None, int, dict[str, Any] | None]:
     """The checkpoint to resume from and the one to initialise weights from, both checked against the
     config; raises before anything is written. Ranks > 0 skip the folder check: rank 0 has already
     started writing into the same folder when they start."""
@@ -97,13 +99,16 @@ def resolve_start(cfg: DictConfig, output_dir: Path) -> tuple[Path | None, dict[
         resume_path = None
     else:
         resume_path = resolve_resume(str(cfg.resume), output_dir)
+    resume_step = 0
     if resume_path is not None:
-        check_resume_compatible(read_checkpoint(resume_path), resume_path, cfg)
+        checkpoint = read_checkpoint(resume_path)
+        check_resume_compatible(checkpoint, resume_path, cfg)
+        resume_step = int(checkpoint["global_step"])
     init = None
     if cfg.init_from is not None and resume_path is None:
         init = read_checkpoint(Path(cfg.init_from))
         check_init_compatible(init, Path(cfg.init_from), cfg)
-    return resume_path, init
+    return resume_path, resume_step, init
 
 
 def checkpoint_records(directory: Path) -> list[dict[str, Any]]:
@@ -116,7 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     config.validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    resume_path, init = resolve_start(cfg, output_dir)
+    resume_path, resume_step, init = resolve_start(cfg, output_dir)
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     if rank_zero_only.rank == 0:
@@ -134,7 +139,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     resume_checkpoint = next((c for c in callbacks if isinstance(c, ResumeCheckpoint)), None)
     if resume_checkpoint is not None and cfg.resume != "auto":
         resume_checkpoint.requeue = False  # a requeued job repeats its command: only resume=auto continues
+    metrics_file = output_dir / CSV_DIR / "metrics.csv"
+    history = (
+        read_csv_history(metrics_file, resume_step) if resume_path and rank_zero_only.rank == 0 else None
+    )
     loggers = build_loggers(cfg, output_dir)
+    restore_csv_history(loggers, history)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -147,13 +157,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.validate_before_fit and resume_path is None:
             trainer.validate(module, datamodule=datamodule, verbose=False)
             metrics["val/loss_initial"] = _metrics(trainer)["val/loss"]
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
-        if resume_checkpoint is not None and resume_checkpoint.preempted_at is not None:
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+        except TrainingPreempted as stop:
+            then = "the requeued job continues it" if stop.requeued else "continue it with resume=auto"
             raise RunPreempted(
-                f"preempted ({resume_checkpoint.received.name if resume_checkpoint.received else 'signal'}) "
-                f"at step {resume_checkpoint.preempted_at}: {resume_checkpoint.path} holds it; continue with "
-                f"resume=auto and the same paths.output_dir={output_dir}"
-            )
+                f"preempted ({stop.signal_name}) at step {stop.step}: {stop.path} holds that step; {then} "
+                f"(same paths.output_dir={output_dir})"
+            ) from stop
         if module.last_validated_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
             module.write_samples()

@@ -72,24 +72,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """The config values a checkpoint's weights and masks depend on, as plain containers."""
-    values = {key: OmegaConf.select(cfg, key) for key in FINGERPRINT_KEYS}
-    return {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v for k, v in values.items()}
+    return {key: plain(OmegaConf.select(cfg, key)) for key in FINGERPRINT_KEYS}
 
 
-def list_values(value: Any) -> Any:
-    """ListConfig / tuples compare as lists."""
-    if OmegaConf.is_config(value):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, tuple | list):
-        return [list_values(v) for v in value]
-    return value
+def config_differences(stored: dict[str, Any], cfg: DictConfig, keys: Sequence[str]) -> list[str]:
+    """'key: checkpoint X, config Y' for every key whose stored value differs from the config's."""
+    wanted = fingerprint(cfg)
+    return [
+        f"{k}: checkpoint {stored.get(k)!r}, config {wanted[k]!r}" for k in keys if stored.get(k) != wanted[k]
+    ]
+
+
+def plain(value: Any) -> Any:
+    """DictConfig/ListConfig as dicts and lists: storable with weights_only=True, comparable with ==."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 class RunFingerprint(L.Callback):
     """Stores `fingerprint(cfg)` in every checkpoint (checked by `check_resume_compatible`)."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        self.values = {k: list_values(v) for k, v in fingerprint(cfg).items()}
+        self.values = fingerprint(cfg)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[FINGERPRINT_KEY] = self.values
@@ -123,8 +126,7 @@ def check_resume_compatible(checkpoint: dict[str, Any], path: Path, cfg: DictCon
             f"{path} has no {FINGERPRINT_KEY} (not written by sparse_dm.train), so its config cannot be "
             "checked; resume only from checkpoints of sparse_dm runs"
         )
-    wanted = {k: list_values(v) for k, v in fingerprint(cfg).items()}
-    differences = [f"{k}: checkpoint {stored.get(k)!r}, config {v!r}" for k, v in wanted.items() if stored.get(k) != v]
+    differences = config_differences(stored, cfg, FINGERPRINT_KEYS)
     if differences:
         raise ValueError(
             f"refusing to resume from {path}: it was written with another config:\n  "
@@ -203,7 +205,9 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
         return path
     path = Path(resume)
     if not path.is_file():
-        raise FileNotFoundError(f"resume={resume}: no such checkpoint file; allowed: never, auto or a .ckpt path")
+        raise FileNotFoundError(
+            f"resume={resume}: no such checkpoint file; allowed: never, auto or a .ckpt path"
+        )
     return path
 
 
@@ -228,7 +232,7 @@ class ResumeCheckpoint(Checkpoint):
         self.signals = [signal.Signals[name] for name in signals]
         self.requeue = requeue
         self.received: signal.Signals | None = None
-        self.preempted_at: int | None = None
+        self._stop: TrainingPreempted | None = None
         self._previous_handlers: dict[signal.Signals, Any] = {}
 
     @property
@@ -255,7 +259,9 @@ class ResumeCheckpoint(Checkpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         self._restore_handlers()
 
     def on_train_batch_end(
@@ -267,11 +273,31 @@ class ResumeCheckpoint(Checkpoint):
         if preempt or periodic or is_final_step(trainer):
             trainer.save_checkpoint(self.path)
         if preempt:
-            self.preempted_at = step
-            trainer.should_stop = True
-            log.warning("preemption signal: saved %s at step %d; training stops", self.path, step)
-            if self.requeue and SLURMEnvironment.detect() and trainer.is_global_zero:
+            requeued = self.requeue and SLURMEnvironment.detect()
+            if requeued and trainer.is_global_zero:
                 requeue_slurm_job()
+            signal_name = self.received.name if self.received else "signal"
+            self._stop = TrainingPreempted(signal_name, step, self.path, requeued)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Stop before the next step rather than right after saving: Lightning logs the saved step's
+        # metrics (and runs its validation, if due) in between, as an uninterrupted run does. An
+        # exception, not `should_stop`: Lightning validates once more before a requested stop. Raised on
+        # every rank at the same step, since the decision was all-reduced.
+        if self._stop is not None:
+            raise self._stop
+
+
+class TrainingPreempted(RuntimeError):
+    """Training stopped at a step boundary after a preemption signal, with last.ckpt written."""
+
+    def __init__(self, signal_name: str, step: int, path: Path, requeued: bool) -> None:
+        self.signal_name, self.step, self.path, self.requeued = signal_name, step, path, requeued
+        super().__init__(
+            f"{signal_name} at step {step}: saved {path}" + (" and requeued" if requeued else "")
+        )
 
 
 def is_final_step(trainer: L.Trainer) -> bool:

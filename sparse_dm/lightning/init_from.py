@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from sparse_dm.lightning.checkpointing import FINGERPRINT_KEY, fingerprint, list_values
+from sparse_dm.lightning.checkpointing import FINGERPRINT_KEY, config_differences
 from sparse_dm.lightning.diffusion_module import DiffusionModule
 from sparse_dm.sparsity.engine import SparseEngine
 from sparse_dm.sparsity.masks import MASK_SUFFIX, apply_masks
@@ -35,20 +35,23 @@ def check_init_compatible(checkpoint: dict[str, Any], path: Path, cfg: DictConfi
     stored = checkpoint.get(FINGERPRINT_KEY)
     if stored is None:
         raise ValueError(f"init_from={path}: not a sparse_dm.train checkpoint (no {FINGERPRINT_KEY})")
-    wanted = {k: list_values(v) for k, v in fingerprint(cfg).items() if k in MODEL_KEYS}
-    differences = [f"{k}: checkpoint {stored.get(k)!r}, config {v!r}" for k, v in wanted.items() if stored.get(k) != v]
+    differences = config_differences(stored, cfg, MODEL_KEYS)
     if differences:
         raise ValueError(f"init_from={path} holds another model:\n  " + "\n  ".join(differences))
 
 
 @torch.no_grad()
-def init_from_checkpoint(module: DiffusionModule, engine: SparseEngine | None, checkpoint: dict[str, Any]) -> None:
+def init_from_checkpoint(
+    module: DiffusionModule, engine: SparseEngine | None, checkpoint: dict[str, Any]
+) -> None:
     """Load the weights, zero them outside this run's masks, and restart the EMA from them."""
     weights = net_weights(checkpoint)
     missing, unexpected = module.net.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith(MASK_SUFFIX)]
     if missing or unexpected:
-        raise ValueError(f"init_from: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+        raise ValueError(
+            f"init_from: weights do not fit the model (missing {missing}, unexpected {unexpected})"
+        )
     if engine is not None:
         apply_masks(engine.weights)
     shadows = dict(module.ema.named_buffers())

@@ -19,6 +19,7 @@ from sparse_dm.sparsity.masks import PrunableWeight
 # the checksum even when the per-layer count stays the same.
 HASH_MULTIPLIER = 2_654_435_761
 HASH_MODULUS = 2**31 - 1
+MAX_NAMED_LAYERS = 5  # layers named in the error message
 
 
 class RankDivergenceError(RuntimeError):
@@ -48,9 +49,10 @@ def verify_identical_masks(
         return
     ranks = sorted({int(r) for r in differing.nonzero()[:, 0]})
     layers = [weights[int(i)].name for i in differing.any(dim=0).nonzero().flatten()]
+    shown = ", ".join(layers[:MAX_NAMED_LAYERS]) + (", ..." if len(layers) > MAX_NAMED_LAYERS else "")
     raise RankDivergenceError(
-        f"masks differ between ranks at step {step}: rank(s) {ranks} disagree with rank 0 on "
-        f"{len(layers)} layer(s) ({', '.join(layers[:5])}{', ...' if len(layers) > 5 else ''}). Every rank must "
-        "use the same seed and resume from the same checkpoint; the run is stopped so no rank keeps "
-        "training a different network. last.ckpt holds the state before this update."
+        f"masks differ between ranks after the mask update at step {step}: rank(s) {ranks} disagree "
+        f"with rank 0 on {len(layers)} layer(s) ({shown}). Every rank must use the same seed and resume "
+        "from the same checkpoint; the run is stopped so no rank keeps training a different network. "
+        "Checkpoints written so far hold states from before this update."
     )
