@@ -89,6 +89,18 @@ class RunPreempted(SystemExit):
     """Training stopped at a preemption signal after writing a resumable last.ckpt (exit status 1)."""
 
 
+def refuse_implicit_resume(cfg: DictConfig) -> None:
+    """With an OnExceptionCheckpoint among the callbacks, Lightning turns fit(ckpt_path=None) into
+    "last" and continues whatever run the folder holds; resuming must be asked for."""
+    for name, callback in cfg.callbacks.items():
+        if callback is not None and str(callback.get("_target_", "")).endswith("OnExceptionCheckpoint"):
+            raise config.ConfigError(
+                f"invalid config: callbacks.{name} is an OnExceptionCheckpoint, with which Lightning "
+                "resumes silently from the folder's last checkpoint; remove it (a crash keeps last.ckpt, "
+                "a preemption signal writes it: callbacks.last) and resume with resume=auto|<file.ckpt>"
+            )
+
+
 def resolve_start(cfg: DictConfig, output_dir: Path) -> tuple[Path | None, int, dict[str, Any] | None]:
     """The checkpoint to resume from and the one to initialise weights from, both checked against the
     config; raises before anything is written. Ranks > 0 skip the folder check: rank 0 has already
@@ -120,6 +132,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one run and return its summary (also written to <output_dir>/summary.json)."""
     start = time.perf_counter()
     config.validate(cfg)
+    refuse_implicit_resume(cfg)
     output_dir = Path(cfg.paths.output_dir)
     resume_path, resume_step, init = resolve_start(cfg, output_dir)
     if cfg.num_threads:

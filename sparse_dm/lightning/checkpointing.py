@@ -213,8 +213,9 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
 
 class ResumeCheckpoint(Checkpoint):
     """Keeps `last.ckpt` resumable: written every `every_n_train_steps`, at the final step, and at the
-    first step boundary after a preemption signal (SLURM sends SIGUSR1 before the wall time, SIGTERM
-    at cancellation); then, under SLURM, the job is requeued and training stops.
+    first step boundary after a preemption signal (SIGTERM at preemption or cancellation; SIGUSR1 or
+    submitit's SIGUSR2 before the wall time); then, under SLURM, the job is requeued and training
+    stops before the next step.
 
     It is a `Checkpoint`, so Lightning runs it after every other callback (the mask update included):
     the saved state is the state the next step starts from.
@@ -224,7 +225,7 @@ class ResumeCheckpoint(Checkpoint):
         self,
         dirpath: str,
         every_n_train_steps: int | None = None,
-        signals: Sequence[str] = ("SIGTERM", "SIGUSR1"),
+        signals: Sequence[str] = ("SIGTERM", "SIGUSR1", "SIGUSR2"),
         requeue: bool = True,
     ) -> None:
         self.dirpath = Path(dirpath)
