@@ -25,6 +25,7 @@ from sparse_dm.config import ConfigError
 from sparse_dm.lightning.checkpointing import (
     LAST,
     AtomicCheckpointIO,
+    NonFiniteStateError,
     ResumeCheckpoint,
     RunFolderNotEmpty,
     requeue_slurm_job,
@@ -172,6 +173,25 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     assert torch.load(path, weights_only=True)["global_step"] == 1  # the previous one, complete
     assert resolve_resume("auto", tmp_path) == path  # the torn temporary file is ignored
+
+
+class PoisonWeight(L.Callback):
+    """A NaN in a weight after the optimizer step of step 5, as an overflowing update leaves it."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 5:
+            with torch.no_grad():
+                next(pl_module.net.parameters()).view(-1)[0] = float("nan")
+
+
+def test_non_finite_state_never_overwrites_last_checkpoint(tmp_path):
+    callback = ResumeCheckpoint(str(tmp_path), every_n_train_steps=3)
+    trainer = L.Trainer(
+        max_steps=10, logger=False, enable_progress_bar=False, callbacks=[PoisonWeight(), callback]
+    )
+    with pytest.raises(NonFiniteStateError, match=r"step 6.*still holds the last finite state"):
+        trainer.fit(make_module(), ToyData())
+    assert torch.load(tmp_path / LAST, weights_only=True)["global_step"] == 3
 
 
 # ----- preemption under SLURM ----------------------------------------------------------------------
