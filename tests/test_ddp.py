@@ -91,7 +91,10 @@ def test_two_ranks_stay_identical(tmp_path, model, method):
     batches = [torch.load(probe / f"rank{r}_batches.pt") for r in (0, 1)]
     assert len(batches[0]) == len(batches[1]) == 6
     assert all(a != b for a, b in zip(*batches, strict=True)), "the ranks trained on the same batches"
-    # Rank 0 alone writes: one summary, one CSV, no per-rank copies.
+    # Rank 0 alone writes outputs (each rank keeps its own Hydra log file).
+    entries = {p.name for p in tmp_path.iterdir() if p.suffix != ".log"}
+    assert entries == {".hydra", "checkpoints", "config.yaml", "csv", "samples", "summary.json", "probe"}
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_000003.png", "step_000006.png"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["checkpoints"][0]["step"] == 6 and summary["mask_updates"] == (
         0 if method == "static" else 3
