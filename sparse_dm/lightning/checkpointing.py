@@ -272,6 +272,7 @@ class ResumeCheckpoint(Checkpoint):
         preempt = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
         periodic = bool(self.every_n_train_steps) and step % int(self.every_n_train_steps) == 0
         if preempt or periodic or is_final_step(trainer):
+            refuse_non_finite(pl_module, step, self.path)
             trainer.save_checkpoint(self.path)
         if preempt:
             requeued = self.requeue and SLURMEnvironment.detect()
@@ -298,6 +299,21 @@ class TrainingPreempted(RuntimeError):
         self.signal_name, self.step, self.path, self.requeued = signal_name, step, path, requeued
         super().__init__(
             f"{signal_name} at step {step}: saved {path}" + (" and requeued" if requeued else "")
+        )
+
+
+class NonFiniteStateError(RuntimeError):
+    """The model holds NaN/inf; saving it would replace the last good resume point."""
+
+
+def refuse_non_finite(module: L.LightningModule, step: int, path: Path) -> None:
+    """Stop before a NaN/inf state overwrites last.ckpt, naming the tensors."""
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteStateError(
+            f"non-finite values at step {step} in {len(bad)} tensor(s) ({', '.join(bad[:5])}); "
+            f"{path} was not overwritten and still holds the last finite state"
         )
 
 
