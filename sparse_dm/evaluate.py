@@ -163,11 +163,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "eval_ckpt_path": str(ckpt_path),
         "backend": cfg.backend,
         "weights": weights,
+        "eval_ckpt_step": int(checkpoint["global_step"]),  # the training step the scored weights hold
     }
     merge_results(summary_path, result, steps, default_steps)
     log.info(
-        "%s: FID %.3f KID %.5f +- %.5f (%d samples, %d steps)",
+        "%s (step %d): FID %.3f KID %.5f +- %.5f (%d samples, %d steps)",
         run_dir,
+        result["eval_ckpt_step"],
         result["fid"],
         result["kid_mean"],
         result["kid_std"],

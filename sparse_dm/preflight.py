@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 ADAM_MOMENTS = 2  # exp_avg and exp_avg_sq, each shaped like its parameter
 STEP_COUNTER_BYTES = torch.tensor(0.0).element_size()  # AdamW keeps `step` as a float32 scalar tensor
 MODEL_CHECKPOINT = "ModelCheckpoint"
-EXCEPTION_CHECKPOINT = "OnExceptionCheckpoint"
+RESUME_CHECKPOINT = "ResumeCheckpoint"
 GIB = 2**30
 
 
@@ -67,8 +67,8 @@ def checkpoint_files(callbacks: Mapping[str, Any], steps: int, epoch_steps: int)
         if cb is None:
             continue
         kind = _target_name(cb)
-        if kind == EXCEPTION_CHECKPOINT:
-            files[name] = 1
+        if kind == RESUME_CHECKPOINT:
+            files[name] = 2  # last.ckpt and, while it is replaced atomically, its temp file
         elif kind == MODEL_CHECKPOINT:
             if cb.get("train_time_interval") is not None:
                 raise ValueError(

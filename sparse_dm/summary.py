@@ -43,7 +43,7 @@ def build_summary(
     engine: SparseEngine | None,
     metrics: dict[str, Any],
     samples: list[str],
-    checkpoints: list[str],
+    checkpoints: list[dict],
     wall_time_s: float,
 ) -> dict:
     finite = {k: _to_float(v) for k, v in metrics.items()}
@@ -62,7 +62,7 @@ def build_summary(
         "exploration_rate": engine.exploration_rate() if engine else 1.0,
         "metrics": {k: (v if math.isfinite(v) else None) for k, v in finite.items()},
         "samples": samples,
-        "checkpoints": checkpoints,
+        "checkpoints": checkpoints,  # [{path, step}], newest first
         "wall_time_s": wall_time_s,
     }
     return summary

@@ -22,7 +22,7 @@ TINY_CHIRODIFF = [
     "trainer.limit_val_batches=2",
     "update_interval=2",
     "logger.wandb.enabled=false",
-    "callbacks.checkpoint.every_n_train_steps=3",
+    "callbacks.last.every_n_train_steps=3",
 ]
 
 

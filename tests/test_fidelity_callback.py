@@ -195,7 +195,7 @@ def test_config_option_adds_callback_to_defaults(tmp_path: Path, extractor_weigh
             f"callbacks.fidelity.fidelity.weights_path={extractor_weights}",
         ],
     )
-    assert {"checkpoint", "on_exception", "fidelity"} <= set(cfg.callbacks)
+    assert {"checkpoint", "last", "fidelity"} <= set(cfg.callbacks)
     callback = instantiate(cfg.callbacks.fidelity)
     assert isinstance(callback, FidelityCallback)
     assert (callback.every_n_steps, callback.num_samples, callback.num_reference) == (7, 33, 33)

@@ -12,11 +12,11 @@ CKPT = "lightning.pytorch.callbacks.ModelCheckpoint"
 
 def test_checkpoint_files_follow_the_policy():
     every_500 = {"_target_": CKPT, "every_n_train_steps": 500, "save_last": True}
-    on_exception = {"_target_": "lightning.pytorch.callbacks.OnExceptionCheckpoint"}
+    resume = {"_target_": "sparse_dm.lightning.checkpointing.ResumeCheckpoint", "every_n_train_steps": 500}
     files = preflight.checkpoint_files(
-        {"ckpt": {**every_500, "save_top_k": -1}, "exc": on_exception}, 156_300, 1042
+        {"ckpt": {**every_500, "save_top_k": -1}, "last": resume}, 156_300, 1042
     )
-    assert files == {"ckpt": 312 + 1, "exc": 1}
+    assert files == {"ckpt": 312 + 1, "last": 2}  # last.ckpt + its temp file while replaced
     top3 = preflight.checkpoint_files({"ckpt": {**every_500, "save_top_k": 3}}, 156_300, 1042)
     assert top3 == {"ckpt": 3 + 1 + 1}  # 3 kept, 1 transient while replacing, last
     by_epoch = {"_target_": CKPT, "every_n_epochs": 10, "save_top_k": -1, "save_last": False}
@@ -53,11 +53,9 @@ def test_cost_reports_checkpoint_disk_and_memory_of_the_paper_preset(tmp_path):
     ema_counter = 8  # MaskedEMA.num_updates (int64), the warm-up state
     assert disk["checkpoint_bytes"] == float_bytes * 2 + ema_counter + weights + adam  # net+EMA+masks+AdamW
     assert disk["train_steps"] == 156_300
-    assert disk["checkpoint_files"] == {
-        "checkpoint": 313,
-        "on_exception": 1,
-    }  # conf/callbacks/default.yaml now
-    assert disk["disk_bytes_needed"] == 314 * disk["checkpoint_bytes"]
-    assert memory["params"] == memory["grads"] == memory["ema"] == float_bytes
+    # conf/callbacks/default.yaml: 2 best (+1 while replacing one) and last.ckpt (+ its temp file)
+    assert disk["checkpoint_files"] == {"checkpoint": 3, "last": 2}
+    assert disk["disk_bytes_needed"] == 5 * disk["checkpoint_bytes"]
+    assert memory["params"] == memory["grads"] == memory["ema"] - ema_counter == float_bytes
     assert memory["frozen"] == 4 * 55_322_782  # the VQ-f4 first stage sits on the GPU
     assert memory["activations"] > 0 and memory["total"] == sum(v for k, v in memory.items() if k != "total")

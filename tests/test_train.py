@@ -56,7 +56,8 @@ def test_run_writes_summary_samples_and_checkpoints(tmp_path, method):
     assert [str(p) for p in grids] == sorted(on_disk["samples"])
     assert [p.name for p in grids] == ["step_000003.png", "step_000006.png"]
     assert all(Image.open(p).size[0] > 0 for p in grids)
-    assert any(p.endswith("last.ckpt") for p in on_disk["checkpoints"])
+    last = {"path": str(tmp_path / "checkpoints" / "last.ckpt"), "step": 6}
+    assert on_disk["checkpoints"][0] == last  # the final step, named with its step
     assert (tmp_path / "csv" / "metrics.csv").exists()
     for layer in on_disk["layers"]:
         assert layer["nnz"] == layer["target_nnz"] >= layer["nonzero"]
@@ -68,7 +69,7 @@ def test_run_writes_summary_samples_and_checkpoints(tmp_path, method):
         assert on_disk["mask_updates"] == 0 and on_disk["flops_train_ratio"] == 1.0
 
 
-def test_crash_leaves_a_resumable_checkpoint(tmp_path, monkeypatch):
+def test_crash_keeps_last_checkpoint_and_resume_auto_continues(tmp_path, monkeypatch):
     original = ChiroDiffModule.training_step
 
     def crash_at_step_4(self, batch, batch_idx):
@@ -80,17 +81,19 @@ def test_crash_leaves_a_resumable_checkpoint(tmp_path, monkeypatch):
     updating = [*TINY_CHIRODIFF, "method.end_fraction=null"]  # updates at steps 2 and 4
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(compose_config(tmp_path, updating))
-    crash_ckpt = tmp_path / "checkpoints" / "on_exception.ckpt"
-    state = torch.load(crash_ckpt, map_location="cpu", weights_only=True)  # loads without unpickling code
-    assert state["global_step"] == 4 and state["callbacks"]["DSTCallback"]["num_updates"] == 2
+    # The half-finished step is not checkpointed; last.ckpt is the last step boundary written.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "step_000003.ckpt"]
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 3 and last["callbacks"]["DSTCallback"]["num_updates"] == 1
 
     monkeypatch.setattr(ChiroDiffModule, "training_step", original)
-    summary = run(compose_config(tmp_path / "resumed", [*updating, f"ckpt_path={crash_ckpt}"]))
+    summary = run(compose_config(tmp_path, [*updating, "resume=auto"]))
     assert summary["mask_updates"] == 2 and math.isfinite(summary["metrics"]["val/loss"])
+    assert summary["checkpoints"][0] == {"path": str(tmp_path / "checkpoints" / "last.ckpt"), "step": 6}
 
 
 def test_a_sparsity_that_empties_a_layer_is_refused_before_training(tmp_path):
     overrides = [*TINY_CHIRODIFF, "sparsity=0.999", "method.distribution=uniform"]
     with pytest.raises(ConfigError, match=r"sparsity=0\.999: .*0 active weights: .*out\.weight"):
         run(compose_config(tmp_path, overrides))
-    assert not (tmp_path / "checkpoints").exists()
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing written

@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from sparse_dm.sparsity.distributed import verify_identical_masks
 from sparse_dm.sparsity.ema import MaskedEMA
 from sparse_dm.sparsity.engine import SparseEngine, UpdateReport
 
@@ -63,6 +64,8 @@ class DSTCallback(L.Callback):
         self._scale_before_step = None
         if report is None:
             return
+        if trainer.world_size > 1:
+            verify_identical_masks(self.engine.weights, trainer.strategy.all_gather, trainer.global_step)
         ema = getattr(pl_module, "ema", None)
         if report.skipped is None and isinstance(ema, MaskedEMA):
             ema.masks_changed(pl_module.net)
