@@ -95,7 +95,7 @@ def tiny_overrides(root, first_stage, folder):
         "trainer.limit_val_batches=1",
         "trainer.enable_progress_bar=false",
         "logger.wandb.enabled=false",
-        "callbacks.checkpoint.every_n_train_steps=1",
+        "callbacks.last.every_n_train_steps=1",
         "num_threads=1",
     ]
 
