@@ -97,7 +97,8 @@ class DiffusionModule(L.LightningModule):
         return self.ema_weights() if self.sampling_cfg["weights"] == "ema" else nullcontext(self.net)
 
     def sample_with(self, eps_fn, x_T: Tensor, generator: torch.Generator | None, **overrides: Any) -> Tensor:
-        """Run the configured sampler (sampling.sampler / steps / eta), allowing per-call overrides."""
+        """Run the configured sampler (sampling.sampler / steps / eta / discretization: compvis | uniform,
+        DDIM only), allowing per-call overrides."""
         cfg = {**self.sampling_cfg, **overrides}
         return sample(
             eps_fn,
@@ -108,6 +109,7 @@ class DiffusionModule(L.LightningModule):
             eta=cfg["eta"],
             generator=generator,
             progress=cfg.get("progress", False),
+            discretization=cfg.get("discretization", "uniform"),
         )
 
     def diffusion_loss(self, batch: DiffusionBatch, t: Tensor, noise: Tensor, reduce: bool = True) -> Tensor:

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import save_image
 
-from sparse_dm.diffusion import sample
 from sparse_dm.lightning.diffusion_module import DiffusionBatch, DiffusionModule
 from sparse_dm.models.vq_autoencoder import VQModel, load_first_stage, state_hash
 
@@ -162,21 +161,6 @@ class LatentDiffusionModule(DiffusionModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.first_stage_cfg["kind"] == "vq" and hasattr(datamodule, "use_latents"):
             datamodule.use_latents(self.encode_images, self.load_first_stage(), self.device)
-
-    def sample_with(self, eps_fn, x_T: Tensor, generator: torch.Generator | None, **overrides: Any) -> Tensor:
-        """The configured sampler with ``sampling.discretization`` (compvis | uniform) for DDIM."""
-        cfg = {**self.sampling_cfg, **overrides}
-        return sample(
-            eps_fn,
-            x_T,
-            self.schedule,
-            sampler=cfg["sampler"],
-            num_steps=cfg["steps"],
-            eta=cfg["eta"],
-            generator=generator,
-            progress=cfg.get("progress", False),
-            discretization=cfg.get("discretization", "uniform"),
-        )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW; with ``optimizer.scale_lr`` its lr is CompVis's optimizer.lr x batch x devices x

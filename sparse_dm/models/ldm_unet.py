@@ -16,6 +16,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from sparse_dm.models.vq_autoencoder import state_mismatch
+
 GROUPS = 32  # GroupNorm(32) everywhere, as in the reference architecture
 MAX_PERIOD = 10_000  # sinusoidal embedding period, as in the reference architecture
 
@@ -276,15 +278,8 @@ def load_compvis_unet(net: UNetModel, state: Mapping[str, Tensor]) -> UNetModel:
             f"class; sparse_dm's conditional UNet has num_classes + 1 = {net.num_classes + 1} rows (the last "
             "is the classifier-free-guidance null class), so these weights cannot be used as they are"
         )
-    missing = sorted(set(expected) - set(unet_state))
-    unexpected = sorted(set(unet_state) - set(expected))
-    wrong = sorted(k for k in set(unet_state) & set(expected) if unet_state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        details = "; ".join(
-            f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
-            if keys
-        )
+    details = state_mismatch(expected, unet_state)
+    if details:
         raise ValueError(f"the state_dict does not match the configured UNet (model.net): {details}")
     net.load_state_dict(unet_state, strict=True)
     return net

@@ -380,19 +380,24 @@ def first_stage_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
 
 
-def load_first_stage(model: VQModel, path: str | Path) -> VQModel:
-    """Load CompVis-layout weights into ``model`` with strict key and shape checks, then freeze it."""
-    state = first_stage_state(load_state_dict_file(path))
-    expected = model.state_dict()
+def state_mismatch(expected: dict[str, Tensor], state: dict[str, Tensor], shown: int = 5) -> str:
+    """Missing, unexpected and wrongly shaped keys of `state` against `expected` (first `shown` of
+    each), or "" when they match: a short message instead of PyTorch's full shape dump."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        details = "\n".join(
-            f"  {label} ({len(keys)}): {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
-            if keys
-        )
-        raise ValueError(f"{path} does not match the configured first stage:\n{details}")
+    return "; ".join(
+        f"{label} ({len(keys)}): {', '.join(keys[:shown])}{' ...' if len(keys) > shown else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
+        if keys
+    )
+
+
+def load_first_stage(model: VQModel, path: str | Path) -> VQModel:
+    """Load CompVis-layout weights into ``model`` with strict key and shape checks, then freeze it."""
+    state = first_stage_state(load_state_dict_file(path))
+    details = state_mismatch(model.state_dict(), state, shown=20)
+    if details:
+        raise ValueError(f"{path} does not match the configured first stage: {details}")
     model.load_state_dict(state, strict=True)
     return model.freeze()
