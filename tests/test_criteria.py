@@ -8,8 +8,7 @@ from run_config import compose_config
 from torch import nn
 
 from sparse_dm import config
-from sparse_dm.sparsity import SparseEngine
-from sparse_dm.sparsity import criteria
+from sparse_dm.sparsity import SparseEngine, criteria
 from sparse_dm.sparsity.criteria import GROW_CRITERIA, Criterion, ScoreContext
 
 GROWN_PER_UPDATE = 2  # floor(prune_rate 0.25 * 8 active) in a 4x4 layer at sparsity 0.5
