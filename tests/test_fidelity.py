@@ -173,11 +173,10 @@ def test_reference_statistics_are_computed_once_per_identity(tiny_cfg, tmp_path)
 def test_samples_are_generated_lazily_batch_by_batch():
     from toy_diffusion import MODULE_KWARGS, ToyModule, ToyNet
 
-    from sparse_dm.metrics.images_for_fid import generated_batches, to_rgb_uint8
+    from sparse_dm.metrics.images_for_fid import ImageFidSource, generated_batches
 
-    class Images(ToyModule):
+    class Images(ImageFidSource, ToyModule):
         calls = 0
-        samples_to_images = staticmethod(to_rgb_uint8)
 
         def generate(self, num_samples, generator, **kwargs):
             Images.calls += 1

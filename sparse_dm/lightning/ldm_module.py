@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from torchvision.utils import save_image
 
 from sparse_dm.diffusion import sample
 from sparse_dm.lightning.diffusion_module import DiffusionBatch, DiffusionModule
-from sparse_dm.metrics.images_for_fid import image_reference_batches, image_reference_identity, to_rgb_uint8
+from sparse_dm.metrics.images_for_fid import ImageFidSource
 from sparse_dm.models.vq_autoencoder import VQModel, load_first_stage, state_hash
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ def _keep_loaded_first_stage(module: nn.Module, state_dict: dict, prefix: str, *
         state_dict[prefix + FIRST_STAGE_PREFIX + key] = value
 
 
-class LatentDiffusionModule(DiffusionModule):
+class LatentDiffusionModule(ImageFidSource, DiffusionModule):
     """LDM on top of the shared diffusion module. ``latent_shape`` = (C, H, W) of the UNet input."""
 
     def __init__(
@@ -257,17 +256,6 @@ class LatentDiffusionModule(DiffusionModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image((samples.float().cpu() + 1.0) / 2.0, path, nrow=math.ceil(math.sqrt(samples.shape[0])))
         return path
-
-    def samples_to_images(self, samples: Tensor) -> Tensor:
-        """Decoded images in [-1, 1] -> uint8 RGB, what the FID feature extractor reads."""
-        return to_rgb_uint8(samples)
-
-    def reference_identity(self, datamodule: Any, limit: int | None) -> str:
-        return image_reference_identity(datamodule, limit)
-
-    def reference_batches(self, datamodule: Any, limit: int | None, batch_size: int) -> Iterator[Tensor]:
-        """The unaugmented training images; call before `on_fit_start` swaps them for cached latents."""
-        return image_reference_batches(datamodule, limit, batch_size)
 
     def example_net_inputs(self, batch_size: int = 1) -> tuple:
         """(x, t[, y]) at the latent shape on self.net's device (works on ``meta``)."""

@@ -78,6 +78,22 @@ def image_reference_batches(datamodule: Any, limit: int | None, batch_size: int)
         yield to_rgb_uint8(batch["image"])
 
 
+class ImageFidSource:
+    """Mixin for model families whose samples are images in [-1, 1] (LDM): FID reads them as uint8
+    RGB and compares with the datamodule's unaugmented training images."""
+
+    def samples_to_images(self, samples: torch.Tensor) -> torch.Tensor:
+        return to_rgb_uint8(samples)
+
+    def reference_identity(self, datamodule: Any, limit: int | None) -> str:
+        return image_reference_identity(datamodule, limit)
+
+    def reference_batches(
+        self, datamodule: Any, limit: int | None, batch_size: int
+    ) -> Iterator[torch.Tensor]:
+        return image_reference_batches(datamodule, limit, batch_size)
+
+
 def reference_identity(module: FidSource, datamodule: Any, limit: int | None) -> str:
     """What the reference statistics depend on (dataset, split, rendering/resolution, count, content)."""
     return module.reference_identity(datamodule, limit)
