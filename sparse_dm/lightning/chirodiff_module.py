@@ -32,7 +32,8 @@ LENGTH_POOL_KEY = "chirodiff_length_pool"
 
 class ChiroDiffModule(DiffusionModule):
     """`render`: {canvas_size, line_width, margin} of the PNG grid (see sparse_dm.sketch.rasterise).
-    `cost_seq_len`: the sequence length FLOPs are counted at (`example_net_inputs`)."""
+    `cost_seq_len`: the sequence length FLOPs are counted at (`example_net_inputs`); the presets'
+    values are calibrated to the paper's Dense FLOPs (see conf/model/chirodiff.yaml), not measured."""
 
     def __init__(
         self,
