@@ -18,9 +18,7 @@ def test_the_litlogger_tip_is_dropped_and_other_lightning_info_kept(caplog):
     silence_known_noise()
     silence_known_noise()  # idempotent: installing twice must not double anything
     with caplog.at_level(logging.INFO, logger=RANK_ZERO):
-        logging.getLogger(RANK_ZERO).info(
-            "💡 Tip: try installing [litlogger](...)"
-        )
+        logging.getLogger(RANK_ZERO).info("💡 Tip: try installing [litlogger](...)")
         logging.getLogger(RANK_ZERO).info("GPU available: False, used: False")
     assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
 
