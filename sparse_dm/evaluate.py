@@ -2,7 +2,7 @@
 num_samples=10000 sampling_steps=100`.
 
 Rebuilds the run from the config it saved, loads the checkpoint, samples with the EMA weights
-(sketches rendered by sparse_dm.eval.rasterise, LDM images decoded from [-1, 1]) and compares them with
+(sketches rendered by sparse_dm.sketch.rasterise, LDM images decoded from [-1, 1]) and compares them with
 the training set. Results are merged into the run's summary.json only after everything succeeded:
 `fid_by_steps[steps]` always, and the top-level `fid`, `kid_mean`, `kid_std`, `num_samples`,
 `sampling_steps` when `steps` is the run's configured sampling steps (the paper's setting) or the run
@@ -24,16 +24,16 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_dm.eval.fidelity import (
+from sparse_dm.inference.config import default_inference_config
+from sparse_dm.lightning.diffusion_module import DiffusionModule
+from sparse_dm.metrics.fidelity import (
     FidelityConfig,
     extract_stats,
     fidelity_from_stats,
     reference_stats,
     resolve_weights,
 )
-from sparse_dm.eval.images_for_fid import generated_batches, reference_batches, reference_identity
-from sparse_dm.inference.config import default_inference_config
-from sparse_dm.lightning.diffusion_module import DiffusionModule
+from sparse_dm.metrics.images_for_fid import generated_batches, reference_batches, reference_identity
 from sparse_dm.sample import BACKENDS, check_choice, prepare
 from sparse_dm.summary import write_summary
 from sparse_dm.train import build_run

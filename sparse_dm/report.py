@@ -14,8 +14,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from sparse_dm.eval.plots import plot_prune_rate, plot_section
-from sparse_dm.eval.tables import (
+from sparse_dm.metrics.plots import plot_prune_rate, plot_section
+from sparse_dm.metrics.tables import (
     METRICS,
     Group,
     Section,

@@ -16,7 +16,7 @@ from sparse_dm.train import run
         ("update_interval=0", "update_interval=0; allowed: an integer >= 1"),
         ("seed=-1", "seed=-1"),
         ("method.distribution=gaussian", "method.distribution='gaussian'"),
-        ("method.grow=momentum", "method.grow='momentum'"),
+        ("method.grow=snip", "method.grow='snip'"),
         ("model.sampling.steps=5000", r"model\.sampling\.steps=5000; allowed: an integer in \[1, 1000\]"),
         ("dataset.batch_size=0", "dataset.batch_size=0"),
         ("model.optimizer.lr=-1", r"model\.optimizer\.lr=-1"),

@@ -45,3 +45,34 @@ def test_rigl_adds_its_dense_gradient_cost(tmp_path):
     f_s, f_d, te = static["flops_forward"], static["flops_forward_dense"], 1100
     assert rigl["flops_train_ratio"] == pytest.approx((3 * f_s * te + 2 * f_s + f_d) / (te + 1) / (3 * f_d))
     assert rigl["flops_test_ratio"] == static["flops_test_ratio"]
+
+
+def test_cost_cli_prints_the_table_and_writes_cost_json(tmp_path):
+    """The README's `python -m sparse_dm.cost experiment=... method=... sparsity=...`, end to end."""
+    import json
+    import subprocess
+    import sys
+
+    overrides = ["experiment=chirodiff_kanjivg", "method=rigl", "sparsity=0.5"]
+    result = subprocess.run(
+        [sys.executable, "-m", "sparse_dm.cost", *overrides, f"paths.output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "cost.json").read_text())
+    expected = cost(tmp_path, *overrides)
+    assert written["params_total"] == expected["params_total"] == 416_859
+    assert written["flops_test_per_sample"] == pytest.approx(expected["flops_test_per_sample"])
+    table = dict(
+        line.split(maxsplit=1)
+        for line in result.stdout.splitlines()
+        if line.startswith(("params_", "flops_"))
+    )
+    assert table["params_total"].strip() == "416,859"
+    assert float(table["flops_test_ratio"]) == pytest.approx(expected["flops_test_ratio"], abs=1e-4)
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
+    for layer in expected["layers"]:
+        assert float(rows[layer["name"]][2]) == pytest.approx(layer["density"], abs=1e-4), layer["name"]

@@ -11,8 +11,7 @@ import tiny_extractor
 import torch
 from omegaconf import OmegaConf
 
-from sparse_dm.data.stroke3 import deltas_to_strokes
-from sparse_dm.eval.fidelity import (
+from sparse_dm.metrics.fidelity import (
     INCEPTION,
     FeatureStats,
     FidelityConfig,
@@ -21,7 +20,8 @@ from sparse_dm.eval.fidelity import (
     reference_stats,
     to_uint8,
 )
-from sparse_dm.eval.rasterise import render_batch
+from sparse_dm.sketch.rasterise import render_batch
+from sparse_dm.sketch.representation import deltas_to_strokes
 
 NUM_SAMPLES = 24
 IMAGE_SIZE = 16
@@ -108,7 +108,7 @@ def test_streamed_statistics_equal_torch_fidelity_on_all_images(tiny_cfg):
     """Our streaming FID/KID equals torch-fidelity's own calculate_metrics on the same images."""
     import torch_fidelity
 
-    from sparse_dm.eval.fidelity import RGB_CHANNELS
+    from sparse_dm.metrics.fidelity import RGB_CHANNELS
 
     class Images(torch.utils.data.Dataset):
         def __init__(self, images):
@@ -173,9 +173,9 @@ def test_reference_statistics_are_computed_once_per_identity(tiny_cfg, tmp_path)
 def test_samples_are_generated_lazily_batch_by_batch():
     from toy_diffusion import MODULE_KWARGS, ToyModule, ToyNet
 
-    from sparse_dm.eval.images_for_fid import generated_batches
+    from sparse_dm.metrics.images_for_fid import ImageFidSource, generated_batches
 
-    class Images(ToyModule):
+    class Images(ImageFidSource, ToyModule):
         calls = 0
 
         def generate(self, num_samples, generator, **kwargs):

@@ -2,7 +2,7 @@
 
 The toy diffusion model samples 2-D points; a test-local subclass renders each point as a blob image
 (and the data module its training points the same way), so the real image path of
-sparse_dm.eval.images_for_fid and torch-fidelity run end to end in a few seconds.
+sparse_dm.metrics.images_for_fid and torch-fidelity run end to end in a few seconds.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from torch import Tensor
 from toy_diffusion import MODULE_KWARGS, ToyData, ToyModule, ToyNet
 
 from sparse_dm.data.images import TensorImageDataset
-from sparse_dm.eval.fidelity import FidelityUnavailableError
 from sparse_dm.lightning.fidelity_callback import FidelityCallback
+from sparse_dm.metrics.fidelity import FidelityUnavailableError
+from sparse_dm.metrics.images_for_fid import ImageFidSource
 
 IMAGE_SIZE = 16
 EXTENT = 3.0  # rendered window: [-EXTENT, EXTENT]^2 covers the toy data's two clusters
@@ -45,7 +46,7 @@ def render_points(points: Tensor) -> Tensor:
     return (2 * blob - 1)[:, None]
 
 
-class PointImageModule(ToyModule):
+class PointImageModule(ImageFidSource, ToyModule):
     """ToyModule whose samples are images, like a latent diffusion model's decoded output."""
 
     def generate(self, num_samples: int, generator: torch.Generator, **kwargs: Any) -> Tensor:

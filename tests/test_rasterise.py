@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sparse_dm.eval.rasterise import make_grid, render_batch, render_strokes, save_grid_png
+from sparse_dm.sketch.rasterise import make_grid, render_batch, render_strokes, save_grid_png
 
 SQUARE = [np.array([[0.0, 0.0], [4.0, 0.0], [4.0, 4.0]]), np.array([[0.0, 4.0], [0.0, 1.0]])]
 

@@ -16,7 +16,6 @@ from hydra.utils import instantiate
 from run_config import TINY_CHIRODIFF, compose_config
 
 from sparse_dm.config import ConfigError, validate
-from sparse_dm.eval.sketch_stats import STAT_NAMES, sketch_stats
 from sparse_dm.lightning.chirodiff_module import ChiroDiffModule
 from sparse_dm.lightning.nonfinite_guard import (
     NonFiniteLossError,
@@ -24,6 +23,7 @@ from sparse_dm.lightning.nonfinite_guard import (
     NonFiniteMetricError,
     check_final_metric,
 )
+from sparse_dm.metrics.sketch_stats import STAT_NAMES, sketch_stats
 from sparse_dm.train import run
 
 NAN = float("nan")

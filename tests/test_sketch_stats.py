@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_dm.eval.sketch_stats import STAT_NAMES, sketch_stats
+from sparse_dm.metrics.sketch_stats import STAT_NAMES, sketch_stats
 
 # Deltas (dx, dy, pen). A: strokes [r0 r1] [r2] [r3 r4] (pen up after r1 and r2), B: one stroke.
 DRAWING_A = np.array([[0, 0, 0], [3, 4, 1], [0, 0, 1], [1, 0, 0], [-1, 0, 1]], np.float32)

@@ -19,13 +19,15 @@ from sparse_dm.data.stroke3 import (
     Stroke3DataModule,
     UnsafePickleError,
     collate_stroke3,
-    deltas_to_features,
-    deltas_to_strokes,
     load_npz_arrays,
     load_stroke3_npz,
-    normalise_absolute,
     preprocess_drawings,
     resolve_data_path,
+)
+from sparse_dm.sketch.representation import (
+    deltas_to_features,
+    deltas_to_strokes,
+    normalise_absolute,
     stroke3_to_absolute,
     stroke3_to_deltas,
     stroke3_to_strokes,

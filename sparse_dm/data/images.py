@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from sparse_dm.data.latent_cache import EncodeFn, cached_latents
 from sparse_dm.data.loader import ResumableDataLoader
-from sparse_dm.data.stroke3 import load_stroke3_npz, resolve_data_path, stroke3_to_strokes
-from sparse_dm.eval.rasterise import render_strokes
+from sparse_dm.data.stroke3 import load_stroke3_npz, resolve_data_path
+from sparse_dm.sketch.rasterise import render_strokes
+from sparse_dm.sketch.representation import stroke3_to_strokes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 CROPS = ("center", "random")

@@ -13,11 +13,11 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from sparse_dm.data.stroke3 import deltas_to_features
 from sparse_dm.inference.kernels import masked_weight, storage
 from sparse_dm.inference.packing import PackedColumns, natural_columns, pack_columns, paired_input
 from sparse_dm.inference.sparse_gru import SparseBiGRU, shifted_columns
 from sparse_dm.models.chirodiff import ChiroDiffNet
+from sparse_dm.sketch.representation import deltas_to_features
 
 
 class SparseChiroDiffNet(nn.Module):

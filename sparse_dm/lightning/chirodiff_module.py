@@ -4,31 +4,36 @@ Sampling draws each sample's length from a pool of real held-out drawing lengths
 split of the datamodule, picked up in `setup`; kept in checkpoints), runs the configured sampler on
 packed sequences, and splits strokes where the pen channel reaches `sampling.pen_threshold`.
 
-Every sample grid also yields sketch statistics (`sparse_dm.eval.sketch_stats`) of the samples and
+Every sample grid also yields sketch statistics (`sparse_dm.metrics.sketch_stats`) of the samples and
 of as many held-out drawings, both in the normalised delta units the model generates in; they go to
 the loggers (`sketch/*`, `sketch_data/*`) and, via `sketch_stats_record`, into summary.json.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sparse_dm.data.stroke3 import DATA_CHANNELS, deltas_to_strokes
-from sparse_dm.eval.rasterise import save_grid_png
-from sparse_dm.eval.sketch_stats import sketch_stats
 from sparse_dm.lightning.diffusion_module import DiffusionBatch, DiffusionModule
+from sparse_dm.metrics.images_for_fid import digest
+from sparse_dm.metrics.sketch_stats import sketch_stats
+from sparse_dm.sketch.rasterise import render_batch, save_grid_png
+from sparse_dm.sketch.representation import DATA_CHANNELS, deltas_to_strokes
 
 LENGTH_POOL_KEY = "chirodiff_length_pool"
 
 
 class ChiroDiffModule(DiffusionModule):
-    """`render`: {canvas_size, line_width, margin} of the PNG grid (see sparse_dm.eval.rasterise).
-    `cost_seq_len`: the sequence length FLOPs are counted at (`example_net_inputs`)."""
+    """`render`: {canvas_size, line_width, margin} of the PNG grid (see sparse_dm.sketch.rasterise).
+    `cost_seq_len`: the sequence length FLOPs are counted at (`example_net_inputs`); the presets'
+    values are calibrated to the paper's Dense FLOPs (see conf/model/chirodiff.yaml), not measured."""
 
     def __init__(
         self,
@@ -139,6 +144,26 @@ class ChiroDiffModule(DiffusionModule):
         return save_grid_png(drawings, path, ncols, **self.render_cfg)
 
     @torch.no_grad()
+    def samples_to_images(self, samples: list[Tensor] | list[np.ndarray]) -> Tensor:
+        """Delta sequences -> strokes (the sampling pen threshold) -> the documented renderer, uint8 RGB."""
+        return render_batch([deltas_to_strokes(d, self.pen_threshold) for d in samples], **self.render_cfg)
+
+    def reference_identity(self, datamodule: Any, limit: int | None) -> str:
+        """(dataset, split, rendering, count, content hash) of the training drawings FID compares with."""
+        name = getattr(datamodule, "name", type(datamodule).__name__)
+        datamodule.setup("fit")
+        drawings = datamodule.datasets["train"].drawings[:limit]
+        content = hashlib.sha256(b"".join(np.ascontiguousarray(d).tobytes() for d in drawings)).hexdigest()
+        render = sorted(self.render_cfg.items()), self.pen_threshold
+        return f"{name}|train|render={digest(render)}|n={len(drawings)}|{content[:16]}"
+
+    def reference_batches(self, datamodule: Any, limit: int | None, batch_size: int) -> Iterator[Tensor]:
+        """The first `limit` training drawings (None: all), rendered exactly like samples."""
+        datamodule.setup("fit")
+        drawings = datamodule.datasets["train"].drawings[:limit]
+        for start in range(0, len(drawings), batch_size):
+            yield self.samples_to_images(drawings[start : start + batch_size])
+
     def write_samples(self, tag: str | None = None) -> Path | None:
         """The base class's sample grid, plus its sketch statistics (and the data's) sent to the
         loggers at the current step."""

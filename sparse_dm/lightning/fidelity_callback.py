@@ -2,7 +2,7 @@
 
 Every `every_n_steps` optimizer steps (and at the end of training) rank 0 samples `num_samples` with
 the EMA weights through the module's own `generate`, converts them exactly like `sparse_dm.evaluate`
-(sparse_dm.eval.images_for_fid) and compares them with reference statistics computed once at setup
+(sparse_dm.metrics.images_for_fid) and compares them with reference statistics computed once at setup
 (cached on disk per dataset, split, resolution and extractor; samples are streamed in batches). Results
 go to every logger (`fid/fid`, `fid/kid_mean`, `fid/kid_std`) and to `history`, which train.py
 writes to summary.json as `fid_curve`.
@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from sparse_dm.eval.fidelity import (
+from sparse_dm.lightning.diffusion_module import DiffusionModule
+from sparse_dm.metrics.fidelity import (
     FeatureStats,
     FidelityConfig,
     extract_stats,
@@ -32,8 +33,7 @@ from sparse_dm.eval.fidelity import (
     reference_stats,
     resolve_weights,
 )
-from sparse_dm.eval.images_for_fid import generated_batches, reference_batches, reference_identity
-from sparse_dm.lightning.diffusion_module import DiffusionModule
+from sparse_dm.metrics.images_for_fid import generated_batches, reference_batches, reference_identity
 
 METRIC_PREFIX = "fid/"
 FIT_STAGE = "fit"

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchvision.utils import save_image
 
 from sparse_dm.lightning.diffusion_module import DiffusionBatch, DiffusionModule
+from sparse_dm.metrics.images_for_fid import ImageFidSource
 from sparse_dm.models.vq_autoencoder import VQModel, load_first_stage, state_hash
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def _keep_loaded_first_stage(module: nn.Module, state_dict: dict, prefix: str, *
         state_dict[prefix + FIRST_STAGE_PREFIX + key] = value
 
 
-class LatentDiffusionModule(DiffusionModule):
+class LatentDiffusionModule(ImageFidSource, DiffusionModule):
     """LDM on top of the shared diffusion module. ``latent_shape`` = (C, H, W) of the UNet input."""
 
     def __init__(

@@ -17,6 +17,8 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from sparse_dm.lightning.console_noise import silence_known_noise
+
 P_DEPENDENT = frozenset({"rigl", "magran"})  # methods whose masks change with the prune rate p
 CSV_DIR = "csv"  # <output_dir>/csv/metrics.csv (one version per run dir, no version_N nesting)
 
@@ -67,7 +69,8 @@ def finish_wandb() -> None:
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
-    """CSV (always, unless logger.csv=false) and W&B (if logger.wandb.enabled) for one job."""
+    """CSV (always, unless logger.csv=false) and W&B (if logger.wandb.enabled) for one job; also
+    installs the console-noise filters, since the loggers are set up before the Trainer prints."""
     loggers: list[Logger] = []
     config = flat_config(cfg)
     if cfg.logger.csv:
@@ -91,6 +94,10 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
                 config=config,
             )
         )
+        # Lightning always sends `anonymous=None`, which W&B reports as a deprecated setting on
+        # every run; leaving the key out is what None means.
+        loggers[-1]._wandb_init.pop("anonymous", None)
+    silence_known_noise()
     return loggers
 
 

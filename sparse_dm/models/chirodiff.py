@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from sparse_dm.data.stroke3 import DATA_CHANNELS, FEATURE_CHANNELS, deltas_to_features
+from sparse_dm.sketch.representation import DATA_CHANNELS, FEATURE_CHANNELS, deltas_to_features
 
 
 class FourierTimeEmbedding(nn.Module):

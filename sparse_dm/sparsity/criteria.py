@@ -1,19 +1,39 @@
-"""Prune and grow criteria: plain score functions with one signature, kept in registries.
+"""Prune and grow criteria: plain score functions of one `ScoreContext`, kept in registries.
 
-A criterion maps (weight, dense gradient, mask, generator) to a score per position; higher means
-"keep" for pruning and "grow first" for growth. Adding e.g. SNIP scores or momentum growth is one
-function plus one config line.
+A criterion maps the context of one weight at one mask update (its values, dense gradient, mask,
+optimizer state, step, generator) to a score per position; higher means "keep" for pruning and
+"grow first" for growth. A new criterion is one registered function plus one config line
+(`method.prune` / `method.grow` are validated against these registries).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-ScoreFn = Callable[[Tensor, Tensor | None, Tensor, torch.Generator], Tensor]
+
+@dataclass(frozen=True)
+class ScoreContext:
+    """What a criterion may look at for one prunable weight at one mask update.
+
+    `grad` is the dense (unmasked) gradient of the update step, kept only for criteria with
+    `needs_grad`; `optimizer_state` is the optimizer's per-parameter state (e.g. AdamW's exp_avg),
+    None when the engine was given no optimizer or the optimizer has no state for it yet.
+    """
+
+    weight: Tensor
+    mask: Tensor
+    step: int
+    generator: torch.Generator
+    grad: Tensor | None = None
+    optimizer_state: Mapping[str, Any] | None = None
+
+
+ScoreFn = Callable[[ScoreContext], Tensor]
 
 
 @dataclass(frozen=True)
@@ -43,23 +63,51 @@ def get(registry: dict[str, Criterion], name: str, key: str) -> Criterion:
 
 
 @register(PRUNE_CRITERIA, "magnitude")
-def magnitude(weight: Tensor, grad: Tensor | None, mask: Tensor, generator: torch.Generator) -> Tensor:
+def magnitude(ctx: ScoreContext) -> Tensor:
     """Keep the largest |w| (RigL, SET, MagRan)."""
-    return weight.detach().abs()
+    return ctx.weight.detach().abs()
 
 
 @register(GROW_CRITERIA, "gradient", needs_grad=True)
-def gradient(weight: Tensor, grad: Tensor | None, mask: Tensor, generator: torch.Generator) -> Tensor:
+def gradient(ctx: ScoreContext) -> Tensor:
     """Grow where the dense gradient is largest (RigL)."""
-    if grad is None:
+    if ctx.grad is None:
         raise ValueError("gradient growth needs the dense gradient of the update step")
-    return grad.abs()
+    return ctx.grad.abs()
 
 
 @register(GROW_CRITERIA, "random")
-def random(weight: Tensor, grad: Tensor | None, mask: Tensor, generator: torch.Generator) -> Tensor:
+def random(ctx: ScoreContext) -> Tensor:
     """Grow uniformly at random (SET, MagRan). Drawn on CPU so every rank draws the same numbers."""
-    return torch.rand(weight.shape, generator=generator).to(weight.device)
+    return torch.rand(ctx.weight.shape, generator=ctx.generator).to(ctx.weight.device)
+
+
+MOMENTUM_STATE_KEYS = ("exp_avg", "momentum_buffer")  # Adam/AdamW first moment; SGD momentum
+
+
+@register(GROW_CRITERIA, "momentum")
+def momentum(ctx: ScoreContext) -> Tensor:
+    """Grow where the optimizer's momentum is largest (sparse momentum, Dettmers & Zettlemoyer 2019):
+    |exp_avg| of Adam/AdamW, or |momentum_buffer| of SGD.
+
+    The momentum only carries information at inactive positions if the optimizer saw their
+    gradients; when every growth candidate has zero momentum the choice would be arbitrary, so
+    this raises instead of silently growing the lowest indices.
+    """
+    state = ctx.optimizer_state or {}
+    buffer = next((state[key] for key in MOMENTUM_STATE_KEYS if torch.is_tensor(state.get(key))), None)
+    if buffer is None:
+        raise ValueError(
+            "momentum growth needs the optimizer state of each prunable weight with one of "
+            f"{list(MOMENTUM_STATE_KEYS)} (AdamW, or SGD with momentum > 0); got keys {sorted(state)}"
+        )
+    scores = buffer.detach().abs()
+    if not bool(scores[~ctx.mask].any()):
+        raise RuntimeError(
+            "momentum growth: every inactive position has zero momentum (their gradients never reached "
+            "the optimizer), so there is nothing to rank; use method.grow=gradient instead"
+        )
+    return scores
 
 
 def top_k_mask(scores: Tensor, eligible: Tensor, k: int) -> Tensor:

@@ -190,7 +190,9 @@ class SparseEngine:
         if self.grow.needs_grad and self._dense_grads is None:
             raise RuntimeError("gradient growth needs before_step() to run before the optimizer step")
         generator = update_generator(self.seed, self.num_updates)
-        updates, changed = explore(self.weights, drop, self.prune, self.grow, generator, self._dense_grads)
+        updates, changed = explore(
+            self.weights, drop, self.prune, self.grow, generator, self._dense_grads, optimizer, self.step
+        )
         self._dense_grads = None
         if optimizer is not None:
             reset_optimizer_state(optimizer, self.weights, changed)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparse_dm.sparsity.criteria import Criterion, top_k_mask
+from sparse_dm.sparsity.criteria import Criterion, ScoreContext, top_k_mask
 from sparse_dm.sparsity.masks import PrunableWeight, apply_masks
 
 
@@ -34,6 +34,8 @@ def explore(
     grow: Criterion,
     generator: torch.Generator,
     dense_grads: Sequence[Tensor | None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    step: int = 0,
 ) -> tuple[list[LayerUpdate], list[Tensor]]:
     """Replace floor(drop_fraction * active) weights per layer; returns per-layer counts and the
     bool masks of changed positions (pruned or grown). Raises if a layer would lose more weights
@@ -41,7 +43,8 @@ def explore(
 
     Growth candidates are the positions inactive before this update, so pruned and grown sets are
     disjoint and every update really explores. Grown weights are set to 0 (RigL convention).
-    Fully dense layers (ERK-capped) have nothing to explore and are left alone.
+    Fully dense layers (ERK-capped) have nothing to explore and are left alone. Criteria see each
+    weight's optimizer state as it was after the step, before this update resets it.
     """
     grads = list(dense_grads) if dense_grads is not None else [None] * len(weights)
     updates: list[LayerUpdate] = []
@@ -51,9 +54,10 @@ def explore(
         active = int(mask.sum())
         inactive = mask.numel() - active
         k = min(math.floor(drop_fraction * active), inactive)
-        keep_scores = prune.score(weight.param, grad, mask, generator)
-        keep = top_k_mask(keep_scores, mask, active - k)
-        grow_scores = grow.score(weight.param, grad, mask, generator)
+        state = optimizer.state.get(weight.param) if optimizer is not None else None
+        context = ScoreContext(weight.param, mask, step, generator, grad, state or None)
+        keep = top_k_mask(prune.score(context), mask, active - k)
+        grow_scores = grow.score(context)
         grown = top_k_mask(grow_scores, ~mask, k)
         pruned, regrown = active - int(keep.sum()), int(grown.sum())
         if not pruned == regrown == k:

@@ -14,7 +14,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sparse_dm.eval.tables import METHOD_LABELS, METRICS, Group, Section
+from sparse_dm.metrics.tables import METHOD_LABELS, METRICS, Group, Section
 
 FIGSIZE = (6.0, 4.0)
 DPI = 120

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch import Tensor
 
-from sparse_dm.data.stroke3 import deltas_to_strokes
+from sparse_dm.sketch.representation import deltas_to_strokes
 
 STAT_NAMES = ("strokes_per_drawing", "one_point_stroke_fraction", "pen_up_rate", "delta_std")
 

@@ -1,1 +1,0 @@
-"""Sketch rasteriser, FID/KID, report tables and plots."""
