@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from run_config import CONF_DIR
 from tiny_run import fake_run
 
-from sparse_dm.eval.sketch_stats import sketch_stats
 from sparse_dm.export import export
+from sparse_dm.metrics.sketch_stats import sketch_stats
 from sparse_dm.sample import sample
 
 

@@ -82,34 +82,6 @@ def random(ctx: ScoreContext) -> Tensor:
     return torch.rand(ctx.weight.shape, generator=ctx.generator).to(ctx.weight.device)
 
 
-MOMENTUM_STATE_KEYS = ("exp_avg", "momentum_buffer")  # Adam/AdamW first moment; SGD momentum
-
-
-@register(GROW_CRITERIA, "momentum")
-def momentum(ctx: ScoreContext) -> Tensor:
-    """Grow where the optimizer's momentum is largest (sparse momentum, Dettmers & Zettlemoyer 2019):
-    |exp_avg| of Adam/AdamW, or |momentum_buffer| of SGD.
-
-    The momentum only carries information at inactive positions if the optimizer saw their
-    gradients; when every growth candidate has zero momentum the choice would be arbitrary, so
-    this raises instead of silently growing the lowest indices.
-    """
-    state = ctx.optimizer_state or {}
-    buffer = next((state[key] for key in MOMENTUM_STATE_KEYS if torch.is_tensor(state.get(key))), None)
-    if buffer is None:
-        raise ValueError(
-            "momentum growth needs the optimizer state of each prunable weight with one of "
-            f"{list(MOMENTUM_STATE_KEYS)} (AdamW, or SGD with momentum > 0); got keys {sorted(state)}"
-        )
-    scores = buffer.detach().abs()
-    if not bool(scores[~ctx.mask].any()):
-        raise RuntimeError(
-            "momentum growth: every inactive position has zero momentum (their gradients never reached "
-            "the optimizer), so there is nothing to rank; use method.grow=gradient instead"
-        )
-    return scores
-
-
 def top_k_mask(scores: Tensor, eligible: Tensor, k: int) -> Tensor:
     """Bool mask of the k highest-scoring eligible positions; exact ties go to the lowest flat index.
 
