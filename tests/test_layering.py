@@ -96,7 +96,7 @@ for name in ("lightning", "pytorch_lightning", "lightning_fabric", "hydra", "ome
 import torch
 from torch import nn
 import sparse_dm.sparsity as sparsity
-engine = sparsity.SparseEngine(nn.Linear(8, 8), 0.5, grow="momentum", update_interval=1)
+engine = sparsity.SparseEngine(nn.Linear(8, 8), 0.5, grow="gradient", update_interval=1)
 print(sorted(m for m in sys.modules if m.startswith("sparse_dm")))
 """
 

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from PIL import Image
+from run_config import CONF_DIR
 
-from sparse_dm.report import main, make_report
+from sparse_dm.metrics.tables import METRICS
+from sparse_dm.report import make_report, report
 
 PARAMS, PRUNABLE = 416_859, 413_304
 FLOPS_TRAIN, FLOPS_TEST = 1.8e13, 7.35e9
@@ -114,13 +120,40 @@ def test_missing_dense_is_reported_and_plot_still_made(tmp_path):
     assert_real_png(next((tmp_path / "out" / "plots").glob("*.png")))
 
 
-def test_cli_no_summaries(tmp_path, capsys):
-    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 1
-    assert "no summary.json" in capsys.readouterr().err
+def report_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="report", overrides=overrides)
+
+
+def test_no_summaries_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no summary.json found below {tmp_path}"):
+        report(report_config([f"sweep_dir={tmp_path}", f"out={tmp_path / 'out'}"]))
+
+
+def test_unknown_metric_names_the_key(tmp_path):
+    write_runs(tmp_path / "runs")
+    cfg = report_config([f"sweep_dir={tmp_path / 'runs'}", f"out={tmp_path / 'out'}", "metric=kid"])
+    with pytest.raises(ValueError, match=r"metric='kid'; allowed: one of \['fid', 'val_loss'\]"):
+        report(cfg)
 
 
 @pytest.mark.parametrize("metric", ["fid", "val_loss"])
-def test_cli_metric_flag(tmp_path, metric):
+def test_metric_option(tmp_path, metric):
     write_runs(tmp_path / "runs")
-    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--metric", metric]) == 0
-    assert (tmp_path / "out" / "report.md").exists()
+    report(report_config([f"sweep_dir={tmp_path / 'runs'}", f"out={tmp_path / 'out'}", f"metric={metric}"]))
+    assert f"Metric: {METRICS[metric]}" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_cli_reads_several_sweep_folders(tmp_path):
+    """The README's command line: runs of two sweep folders land in one report."""
+    write_runs(tmp_path / "sparse", with_dense=False)
+    dense = tmp_path / "dense" / "seed=0"
+    dense.mkdir(parents=True)
+    (dense / "summary.json").write_text(json.dumps(summary("dense", 0.0, 0, FID[("dense", 0.0)], 0.2)))
+    out = tmp_path / "out"
+    sweep_dirs = f"sweep_dir=[{tmp_path / 'sparse'},{tmp_path / 'dense'}]"
+    cmd = [sys.executable, "-m", "sparse_dm.report", sweep_dirs, f"out={out}"]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
+    text = (out / "report.md").read_text()
+    assert f"from {len(FID) * len(SEED_OFFSET) - 1} runs" in text
+    assert "| Dense | 21.00 ± 0.00 | 0 |" in text
