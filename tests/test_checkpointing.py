@@ -4,6 +4,7 @@ SLURM requeue, and evaluation that names the step it scored."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -250,3 +251,6 @@ def test_summary_and_evaluate_name_the_step(tmp_path, finished_run):
     cfg.fidelity.kid_subset_size = 4
     result = evaluate_mod.evaluate(cfg)
     assert result["eval_ckpt_step"] == 3
+    merged = json.loads((finished_run / "summary.json").read_text())  # README: train -> evaluate
+    assert merged["fid_by_steps"]["2"]["fid"] == result["fid"] and math.isfinite(result["fid"])
+    assert merged["num_samples"] == 8 and merged["fid"] == result["fid"]  # the run had no FID yet

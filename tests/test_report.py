@@ -14,6 +14,8 @@ from omegaconf import DictConfig
 from PIL import Image
 from run_config import CONF_DIR
 
+from sparse_dm.evaluate import merge_results
+from sparse_dm.metrics import plots
 from sparse_dm.metrics.tables import METRICS
 from sparse_dm.report import make_report, report
 
@@ -157,3 +159,72 @@ def test_cli_reads_several_sweep_folders(tmp_path):
     text = (out / "report.md").read_text()
     assert f"from {len(FID) * len(SEED_OFFSET) - 1} runs" in text
     assert "| Dense | 21.00 ± 0.00 | 0 |" in text
+
+
+# ----- Table 8 (FID by DDIM steps) and Fig. 8 (metric vs prune rate) --------------------------------
+FID_BY_STEPS = {"dense": {50: 21.0, 100: 18.0, 200: 17.0}, "rigl": {50: 20.0, 100: 19.0, 200: 17.5}}
+TRAINED_STEPS = 50  # the runs' model.sampling.steps: the headline FID
+
+
+def test_table8_rows_are_seed_means_per_step_count(tmp_path):
+    """Summaries as train writes them, FIDs merged in by sparse_dm.evaluate at 50 / 100 / 200 steps."""
+    for method, by_steps in FID_BY_STEPS.items():
+        sparsity = 0.0 if method == "dense" else 0.5
+        for seed, off in SEED_OFFSET.items():
+            run = tmp_path / "runs" / f"method={method},seed={seed}"
+            run.mkdir(parents=True)
+            (run / "summary.json").write_text(json.dumps(summary(method, sparsity, seed, None, 0.2)))
+            for steps, fid in by_steps.items():
+                result = {"fid": fid + off, "kid_mean": 0.01, "kid_std": 0.001, "sampling_steps": steps}
+                merge_results(run / "summary.json", result, steps, TRAINED_STEPS)
+    text = make_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    table = text.split("## FID by DDIM sampling steps (Table 8): chirodiff / kanjivg, p = 0.5")[1]
+    assert "| Approach | 50 steps | 100 steps | 200 steps |" in table
+    assert "| Dense | 21.00 | 18.00 | 17.00 |" in table
+    assert "| RigL-DM, S = 0.5 | **20.00** | 19.00 | 17.50 |" in table  # bold only where it beats dense
+    assert "| RigL-DM, S = 0.5 | **<u>20.00 ± 0.71</u>** |" in text  # headline FID: the trained steps
+
+
+def test_single_step_count_has_no_table8(tmp_path):
+    write_runs(tmp_path / "runs")
+    assert "Table 8" not in make_report([tmp_path / "runs"], tmp_path / "out").read_text()
+
+
+FIG8_FID = {0.05: 24.0, 0.1: 22.0, 0.2: 23.0}  # RigL-DM, S = 0.25, per prune rate
+
+
+def write_prune_rate_sweep(root: Path, rates: dict[float, float]) -> None:
+    for p, fid in rates.items():
+        for seed, off in SEED_OFFSET.items():
+            s = summary("rigl", 0.25, seed, fid + off, 0.2)
+            run = root / f"prune_rate={p},seed={seed}"
+            run.mkdir(parents=True)
+            (run / "summary.json").write_text(json.dumps({**s, "prune_rate": p}))
+    dense = root / "dense"
+    dense.mkdir()
+    (dense / "summary.json").write_text(json.dumps(summary("dense", 0.0, 0, FID[("dense", 0.0)], 0.2)))
+
+
+def test_fig8_plots_the_seed_means_against_p(tmp_path, monkeypatch):
+    drawn = {}
+    original = plots._draw_series
+
+    def record(ax, xs, series, label, style):
+        drawn[label] = dict(zip(xs, (g.mean for g in series), strict=True))
+        return original(ax, xs, series, label, style)
+
+    monkeypatch.setattr(plots, "_draw_series", record)
+    write_prune_rate_sweep(tmp_path / "runs", FIG8_FID)
+    text = make_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    fig8 = text.split("## Prune and regrowth rate (Appendix H, Fig. 8)")[1]
+    link = fig8.split("](", 1)[1].split(")", 1)[0]
+    assert link.endswith("_vs_p_fid.png")
+    assert_real_png(tmp_path / "out" / link)
+    assert drawn["RigL-DM"] == pytest.approx(FIG8_FID)  # the last plot drawn is Fig. 8: one point per p
+    for p, fid in FIG8_FID.items():  # and each p has its own Table 1/2 section with the same mean
+        assert f"| RigL-DM, S = 0.25 | <u>{fid:.2f} ± 0.71</u> |" in text.split(f"p = {p:g}")[1]
+
+
+def test_two_prune_rates_are_not_a_fig8(tmp_path):
+    write_prune_rate_sweep(tmp_path / "runs", dict(list(FIG8_FID.items())[:2]))
+    assert "Fig. 8" not in make_report([tmp_path / "runs"], tmp_path / "out").read_text()
