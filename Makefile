@@ -22,5 +22,8 @@ cost:
 bench:  ## sparse vs dense: training step, mask update, DDIM sampling, file size (a few minutes)
 	$(PYTHON) -m benchmarks.suite
 
+report:  ## tables and plots of a finished sweep: make report SWEEP=multirun/demo_cpu_kanjivg
+	$(PYTHON) -m sparse_dm.report sweep_dir=$(SWEEP) out=reports/$(notdir $(SWEEP))
+
 clean:
 	rm -rf outputs multirun wandb .pytest_cache .ruff_cache

@@ -8,10 +8,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm.data.stroke3 import TOO_LONG_POLICIES
-from sparse_dm.diffusion.samplers import COMPVIS_MIN_STRIDE, DISCRETIZATIONS
+from sparse_dm.diffusion.samplers import COMPVIS_MIN_STRIDE, DISCRETIZATIONS, SAMPLERS
+from sparse_dm.lightning.diffusion_module import SAMPLING_WEIGHTS
 from sparse_dm.sparsity.criteria import GROW_CRITERIA, PRUNE_CRITERIA
 from sparse_dm.sparsity.distributions import DISTRIBUTIONS
 from sparse_dm.sparsity.ema import MASK_UPDATE_POLICIES
+from sparse_dm.sparsity.flops import CONVENTIONS
 from sparse_dm.sparsity.schedule import SCHEDULES
 
 METHODS = ("dense", "static", "rigl", "magran")
@@ -100,13 +102,13 @@ def validate(cfg: DictConfig) -> None:
     _check(
         cfg, "model.ema.on_mask_update", lambda v: v in MASK_UPDATE_POLICIES, f"one of {MASK_UPDATE_POLICIES}"
     )
-    _check(cfg, "model.sampling.weights", lambda v: v in ("ema", "raw"), "ema or raw")
+    _check(cfg, "model.sampling.weights", lambda v: v in SAMPLING_WEIGHTS, f"one of {SAMPLING_WEIGHTS}")
     steps = _get(cfg, "model.diffusion.num_timesteps")
     _check(cfg, "model.diffusion.num_timesteps", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     _check(
         cfg, "model.sampling.steps", lambda v: _is_int(v) and 1 <= v <= steps, f"an integer in [1, {steps}]"
     )
-    _check(cfg, "model.sampling.sampler", lambda v: v in ("ddim", "ddpm"), "ddim or ddpm")
+    _check(cfg, "model.sampling.sampler", lambda v: v in SAMPLERS, f"one of {SAMPLERS}")
     _check(
         cfg,
         "model.sampling.discretization",
@@ -121,7 +123,7 @@ def validate(cfg: DictConfig) -> None:
         )
     _check(cfg, "model.optimizer.scale_lr", lambda v: isinstance(v, bool), "true or false", optional=True)
     _check(cfg, "model.sampling.num_samples", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-    _check(cfg, "cost.convention", lambda v: v in ("paper", "per_sample"), "paper or per_sample")
+    _check(cfg, "cost.convention", lambda v: v in CONVENTIONS, f"one of {CONVENTIONS}")
     _check(cfg, "trainer.max_steps", lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 or an integer >= 1")
     _check(
         cfg,

@@ -7,7 +7,8 @@ the training set. Results are merged into the run's summary.json only after ever
 `fid_by_steps[steps]` always, and the top-level `fid`, `kid_mean`, `kid_std`, `num_samples`,
 `sampling_steps` when `steps` is the run's configured sampling steps (the paper's setting) or the run
 has no FID yet, so Table 8 sweeps over steps never replace the main result (Table 8 sweep:
-multirun_sweeps/table8_ddim_steps.yaml). Quote paths that contain ',' or '=': ckpt_path="'...'".
+multirun_sweeps/table8_ddim_steps.yaml). Options: conf/evaluate.yaml. Quote paths that contain ','
+or '=': ckpt_path="'...'".
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_dm.inference.config import default_inference_config
 from sparse_dm.lightning.diffusion_module import DiffusionModule
 from sparse_dm.metrics.fidelity import (
     FidelityConfig,
@@ -44,37 +43,6 @@ RUN_CONFIG = "config.yaml"  # resolved config written by sparse_dm.train into th
 HYDRA_RUN_CONFIG = Path(".hydra") / "config.yaml"
 SUMMARY = "summary.json"
 STEPS_KEY = "fid_by_steps"
-
-EVALUATE_DEFAULTS = {
-    "ckpt_path": "???",
-    "run_dir": None,  # null: the folder above the checkpoint's checkpoints/ folder
-    "num_samples": 10000,
-    "sampling_steps": None,  # null: the run's model.sampling.steps
-    "batch_size": 256,  # samples generated per sampler call
-    "num_reference": None,  # null: the whole training set
-    "seed": 0,
-    "device": None,  # null: cuda when available
-    "backend": "dense",  # dense | sparse: the sparse inference form (CPU; see sparse_dm.inference)
-    "inference": default_inference_config(),
-    "fidelity": {
-        "feature_extractor": "inception-v3-compat",
-        "weights_path": None,  # local Inception weights for offline machines
-        "kid_subset_size": 1000,
-        "kid_subsets": 100,
-        "batch_size": 64,
-        "cuda": None,
-        "verbose": False,
-        "cache_dir": None,  # reference statistics cache (null: <torch hub dir>/sparse_dm_fid)
-        "kid_pool_size": 10000,  # features kept per side for KID subsets (seeded uniform sample)
-        "seed": 0,
-    },
-    "hydra": {
-        "run": {"dir": "outputs/evaluate/${now:%Y-%m-%d_%H-%M-%S}"},
-        "sweep": {"dir": "multirun/evaluate/${now:%Y-%m-%d_%H-%M-%S}", "subdir": "${hydra:job.num}"},
-        "job": {"chdir": False},
-    },
-}
-ConfigStore.instance().store(name="evaluate", node=EVALUATE_DEFAULTS)
 
 
 def run_dir_of(ckpt_path: Path, run_dir: str | None) -> Path:

@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from sparse_dm.lightning.diffusion_module import SAMPLING_WEIGHTS
 from sparse_dm.sparsity.masks import MASK_SUFFIX, PrunableWeight, register_masks
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 FORMAT = "sparse_dm.sdm"
 VERSION = 1
 SUFFIX = ".sdm"
-WEIGHTS = ("ema", "raw")
 INT16_LIMIT = 2**15  # column indices below this fit int16
 
 
@@ -98,8 +98,8 @@ def unpack_into(net: nn.Module, sparse: dict[str, Any], dense: dict[str, Tensor]
 
 def write_sdm(module: Any, model_cfg: dict[str, Any], weights: str, step: int | None, path: Path) -> Path:
     """Save `module.net` (its EMA or raw weights) with the config that rebuilds the module."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if weights not in SAMPLING_WEIGHTS:
+        raise ValueError(f"weights must be one of {SAMPLING_WEIGHTS}, got {weights!r}")
     if weights == "ema":
         with module.ema_weights():
             sparse, dense = pack_net(module.net)
@@ -162,8 +162,8 @@ def export(cfg: DictConfig) -> Path:
     from sparse_dm.inference.sources import module_from_lightning
 
     ckpt_path = Path(cfg.ckpt_path)
-    if cfg.weights not in WEIGHTS:
-        raise ValueError(f"invalid config: weights={cfg.weights!r}; allowed: one of {WEIGHTS}")
+    if cfg.weights not in SAMPLING_WEIGHTS:
+        raise ValueError(f"invalid config: weights={cfg.weights!r}; allowed: one of {SAMPLING_WEIGHTS}")
     out = Path(cfg.out) if cfg.out else ckpt_path.with_suffix(SUFFIX)
     module, model_cfg, step = module_from_lightning(ckpt_path, cfg.run_dir)
     path = write_sdm(module, model_cfg, cfg.weights, step, out)

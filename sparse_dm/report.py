@@ -1,4 +1,5 @@
-"""Paper-style report from finished runs: `python -m sparse_dm.report DIR [DIR ...] --out OUT`.
+"""Paper-style report from finished runs: `python -m sparse_dm.report sweep_dir=DIR out=OUT`
+(several folders: `sweep_dir=[DIR_A,DIR_B]`; options in conf/report.yaml).
 
 Reads every summary.json below the directories, averages over seeds and writes OUT/report.md
 (Table 1/2 layout plus the full grid), OUT/report.csv and OUT/plots/*.png (Fig. 2/3; Fig. 8 when a
@@ -7,12 +8,14 @@ sparsity was swept over several prune rates; Table 8 when runs were evaluated at
 
 from __future__ import annotations
 
-import argparse
 import csv
+import logging
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm.metrics.plots import plot_prune_rate, plot_section
 from sparse_dm.metrics.tables import (
@@ -24,6 +27,8 @@ from sparse_dm.metrics.tables import (
     group_runs,
     load_summaries,
 )
+
+log = logging.getLogger(__name__)
 
 METRIC_DIGITS = {"fid": 2, "val_loss": 4}
 MIN_RATES_FOR_P_PLOT = 3  # Appendix H sweeps p over 5 values; two rates are just Fig. 2 vs Fig. 9
@@ -231,27 +236,16 @@ def make_report(dirs: list[Path], out: Path, metric: str | None = None) -> Path:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sparse_dm.report", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "dirs", nargs="+", type=Path, help="directories searched recursively for summary.json"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument(
-        "--metric",
-        choices=sorted(METRICS),
-        default=None,
-        help="default: fid when any run has it, else the validation loss",
-    )
-    args = parser.parse_args(argv)
-    try:
-        report = make_report(args.dirs, args.out, args.metric)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {report}")
-    return 0
+def report(cfg: DictConfig) -> Path:
+    """The report of conf/report.yaml's `sweep_dir` (one folder or a list) written under `out`."""
+    dirs = cfg.sweep_dir if OmegaConf.is_list(cfg.sweep_dir) else [cfg.sweep_dir]
+    return make_report([Path(d) for d in dirs], Path(cfg.out), cfg.metric)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+def main(cfg: DictConfig) -> None:
+    log.info("wrote %s", report(cfg))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_dm.export import SUFFIX, WEIGHTS
+from sparse_dm.export import SUFFIX
 from sparse_dm.inference import install_inference_form, resolve_thresholds
 from sparse_dm.inference.sources import load_module
+from sparse_dm.lightning.diffusion_module import SAMPLING_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def save_arrays(samples: Any, path: Path) -> Path:
 def sample(cfg: DictConfig) -> dict[str, Any]:
     check_choice("backend", cfg.backend, BACKENDS)
     if cfg.weights is not None:
-        check_choice("weights", cfg.weights, WEIGHTS)
+        check_choice("weights", cfg.weights, SAMPLING_WEIGHTS)
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     inference_cfg = OmegaConf.to_container(cfg.inference, resolve=True)

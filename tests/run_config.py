@@ -29,3 +29,9 @@ TINY_CHIRODIFF = [
 def compose_config(output_dir: Path, overrides: list[str], config_name: str = "train") -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=[f"paths.output_dir={output_dir}", *overrides])
+
+
+def evaluate_config(overrides: list[str]) -> DictConfig:
+    """conf/evaluate.yaml with overrides, as `python -m sparse_dm.evaluate` composes it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="evaluate", overrides=overrides)

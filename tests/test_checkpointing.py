@@ -4,6 +4,7 @@ SLURM requeue, and evaluation that names the step it scored."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,8 +17,7 @@ import pytest
 import tiny_extractor
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
-from omegaconf import OmegaConf
-from run_config import TINY_CHIRODIFF, compose_config
+from run_config import TINY_CHIRODIFF, compose_config, evaluate_config
 from toy_diffusion import ToyData, make_module
 
 from sparse_dm import evaluate as evaluate_mod
@@ -243,8 +243,7 @@ def test_summary_and_evaluate_name_the_step(tmp_path, finished_run):
     assert steps[LAST] == 6  # last.ckpt is the final step, not the last periodic one
     assert all(steps[name] == int(name[5:11]) for name in steps if name.startswith("step_"))
 
-    cfg = OmegaConf.create({k: v for k, v in evaluate_mod.EVALUATE_DEFAULTS.items() if k != "hydra"})
-    cfg.ckpt_path = str(finished_run / "checkpoints" / "step_000003.ckpt")
+    cfg = evaluate_config([f"ckpt_path='{finished_run / 'checkpoints' / 'step_000003.ckpt'}'"])
     cfg.num_samples, cfg.batch_size, cfg.sampling_steps, cfg.num_reference = 8, 8, 2, 8
     cfg.device = "cpu"
     cfg.fidelity.feature_extractor = tiny_extractor.NAME
@@ -252,3 +251,6 @@ def test_summary_and_evaluate_name_the_step(tmp_path, finished_run):
     cfg.fidelity.kid_subset_size = 4
     result = evaluate_mod.evaluate(cfg)
     assert result["eval_ckpt_step"] == 3
+    merged = json.loads((finished_run / "summary.json").read_text())  # README: train -> evaluate
+    assert merged["fid_by_steps"]["2"]["fid"] == result["fid"] and math.isfinite(result["fid"])
+    assert merged["num_samples"] == 8 and merged["fid"] == result["fid"]  # the run had no FID yet

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tiny_extractor
 import torch
-from omegaconf import OmegaConf
+from run_config import evaluate_config
 
 from sparse_dm.metrics.fidelity import (
     INCEPTION,
@@ -96,8 +96,7 @@ def test_evaluate_without_weights_fails_before_sampling(tmp_path, monkeypatch):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "summary.json").write_text('{"method": "rigl"}')
-    cfg = OmegaConf.create({k: v for k, v in evaluate_mod.EVALUATE_DEFAULTS.items() if k != "hydra"})
-    cfg.ckpt_path = str(run / "checkpoints" / "last.ckpt")
+    cfg = evaluate_config([f"ckpt_path='{run / 'checkpoints' / 'last.ckpt'}'"])
     with pytest.raises(FidelityUnavailableError):
         evaluate_mod.evaluate(cfg)
     assert (run / "summary.json").read_text() == '{"method": "rigl"}'

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from PIL import Image
+from run_config import CONF_DIR
 
-from sparse_dm.report import main, make_report
+from sparse_dm.evaluate import merge_results
+from sparse_dm.metrics import plots
+from sparse_dm.metrics.tables import METRICS
+from sparse_dm.report import make_report, report
 
 PARAMS, PRUNABLE = 416_859, 413_304
 FLOPS_TRAIN, FLOPS_TEST = 1.8e13, 7.35e9
@@ -114,13 +122,109 @@ def test_missing_dense_is_reported_and_plot_still_made(tmp_path):
     assert_real_png(next((tmp_path / "out" / "plots").glob("*.png")))
 
 
-def test_cli_no_summaries(tmp_path, capsys):
-    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 1
-    assert "no summary.json" in capsys.readouterr().err
+def report_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="report", overrides=overrides)
+
+
+def test_no_summaries_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no summary.json found below {tmp_path}"):
+        report(report_config([f"sweep_dir={tmp_path}", f"out={tmp_path / 'out'}"]))
+
+
+def test_unknown_metric_names_the_key(tmp_path):
+    write_runs(tmp_path / "runs")
+    cfg = report_config([f"sweep_dir={tmp_path / 'runs'}", f"out={tmp_path / 'out'}", "metric=kid"])
+    with pytest.raises(ValueError, match=r"metric='kid'; allowed: one of \['fid', 'val_loss'\]"):
+        report(cfg)
 
 
 @pytest.mark.parametrize("metric", ["fid", "val_loss"])
-def test_cli_metric_flag(tmp_path, metric):
+def test_metric_option(tmp_path, metric):
     write_runs(tmp_path / "runs")
-    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--metric", metric]) == 0
-    assert (tmp_path / "out" / "report.md").exists()
+    report(report_config([f"sweep_dir={tmp_path / 'runs'}", f"out={tmp_path / 'out'}", f"metric={metric}"]))
+    assert f"Metric: {METRICS[metric]}" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_cli_reads_several_sweep_folders(tmp_path):
+    """The README's command line: runs of two sweep folders land in one report."""
+    write_runs(tmp_path / "sparse", with_dense=False)
+    dense = tmp_path / "dense" / "seed=0"
+    dense.mkdir(parents=True)
+    (dense / "summary.json").write_text(json.dumps(summary("dense", 0.0, 0, FID[("dense", 0.0)], 0.2)))
+    out = tmp_path / "out"
+    sweep_dirs = f"sweep_dir=[{tmp_path / 'sparse'},{tmp_path / 'dense'}]"
+    cmd = [sys.executable, "-m", "sparse_dm.report", sweep_dirs, f"out={out}"]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
+    text = (out / "report.md").read_text()
+    assert f"from {len(FID) * len(SEED_OFFSET) - 1} runs" in text
+    assert "| Dense | 21.00 ± 0.00 | 0 |" in text
+
+
+# ----- Table 8 (FID by DDIM steps) and Fig. 8 (metric vs prune rate) --------------------------------
+FID_BY_STEPS = {"dense": {50: 21.0, 100: 18.0, 200: 17.0}, "rigl": {50: 20.0, 100: 19.0, 200: 17.5}}
+TRAINED_STEPS = 50  # the runs' model.sampling.steps: the headline FID
+
+
+def test_table8_rows_are_seed_means_per_step_count(tmp_path):
+    """Summaries as train writes them, FIDs merged in by sparse_dm.evaluate at 50 / 100 / 200 steps."""
+    for method, by_steps in FID_BY_STEPS.items():
+        sparsity = 0.0 if method == "dense" else 0.5
+        for seed, off in SEED_OFFSET.items():
+            run = tmp_path / "runs" / f"method={method},seed={seed}"
+            run.mkdir(parents=True)
+            (run / "summary.json").write_text(json.dumps(summary(method, sparsity, seed, None, 0.2)))
+            for steps, fid in by_steps.items():
+                result = {"fid": fid + off, "kid_mean": 0.01, "kid_std": 0.001, "sampling_steps": steps}
+                merge_results(run / "summary.json", result, steps, TRAINED_STEPS)
+    text = make_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    table = text.split("## FID by DDIM sampling steps (Table 8): chirodiff / kanjivg, p = 0.5")[1]
+    assert "| Approach | 50 steps | 100 steps | 200 steps |" in table
+    assert "| Dense | 21.00 | 18.00 | 17.00 |" in table
+    assert "| RigL-DM, S = 0.5 | **20.00** | 19.00 | 17.50 |" in table  # bold only where it beats dense
+    assert "| RigL-DM, S = 0.5 | **<u>20.00 ± 0.71</u>** |" in text  # headline FID: the trained steps
+
+
+def test_single_step_count_has_no_table8(tmp_path):
+    write_runs(tmp_path / "runs")
+    assert "Table 8" not in make_report([tmp_path / "runs"], tmp_path / "out").read_text()
+
+
+FIG8_FID = {0.05: 24.0, 0.1: 22.0, 0.2: 23.0}  # RigL-DM, S = 0.25, per prune rate
+
+
+def write_prune_rate_sweep(root: Path, rates: dict[float, float]) -> None:
+    for p, fid in rates.items():
+        for seed, off in SEED_OFFSET.items():
+            s = summary("rigl", 0.25, seed, fid + off, 0.2)
+            run = root / f"prune_rate={p},seed={seed}"
+            run.mkdir(parents=True)
+            (run / "summary.json").write_text(json.dumps({**s, "prune_rate": p}))
+    dense = root / "dense"
+    dense.mkdir()
+    (dense / "summary.json").write_text(json.dumps(summary("dense", 0.0, 0, FID[("dense", 0.0)], 0.2)))
+
+
+def test_fig8_plots_the_seed_means_against_p(tmp_path, monkeypatch):
+    drawn = {}
+    original = plots._draw_series
+
+    def record(ax, xs, series, label, style):
+        drawn[label] = dict(zip(xs, (g.mean for g in series), strict=True))
+        return original(ax, xs, series, label, style)
+
+    monkeypatch.setattr(plots, "_draw_series", record)
+    write_prune_rate_sweep(tmp_path / "runs", FIG8_FID)
+    text = make_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    fig8 = text.split("## Prune and regrowth rate (Appendix H, Fig. 8)")[1]
+    link = fig8.split("](", 1)[1].split(")", 1)[0]
+    assert link.endswith("_vs_p_fid.png")
+    assert_real_png(tmp_path / "out" / link)
+    assert drawn["RigL-DM"] == pytest.approx(FIG8_FID)  # the last plot drawn is Fig. 8: one point per p
+    for p, fid in FIG8_FID.items():  # and each p has its own Table 1/2 section with the same mean
+        assert f"| RigL-DM, S = 0.25 | <u>{fid:.2f} ± 0.71</u> |" in text.split(f"p = {p:g}")[1]
+
+
+def test_two_prune_rates_are_not_a_fig8(tmp_path):
+    write_prune_rate_sweep(tmp_path / "runs", dict(list(FIG8_FID.items())[:2]))
+    assert "Fig. 8" not in make_report([tmp_path / "runs"], tmp_path / "out").read_text()

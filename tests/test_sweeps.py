@@ -55,8 +55,6 @@ def test_every_sweep_file_is_covered():
 
 
 def test_table8_sweeps_ddim_steps_per_checkpoint(hydra_ctx):
-    import sparse_dm.evaluate  # noqa: F401  (registers the `evaluate` config)
-
     hydra_cfg, jobs = expand("table8_ddim_steps", ["ckpt_path=a.ckpt,b.ckpt"])
     assert len(jobs) == 6 and values(jobs, "sampling_steps") == {"50", "100", "200"}
     cfg = compose("table8_ddim_steps", overrides=[SEARCH, *jobs[0]])

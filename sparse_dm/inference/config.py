@@ -1,5 +1,5 @@
 """The `inference` config group's defaults (conf/inference/default.yaml), for entry points that
-build their config in code (sparse_dm.evaluate) rather than from a Hydra defaults list."""
+build their config in code (benchmarks, tests) rather than from a Hydra defaults list."""
 
 from __future__ import annotations
 

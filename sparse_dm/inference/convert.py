@@ -24,6 +24,7 @@ from sparse_dm.inference.chirodiff import SparseChiroDiffNet
 from sparse_dm.inference.kernels import density, masked_weight
 from sparse_dm.inference.sparse_gru import paired_weight
 from sparse_dm.inference.sparse_linear import SparseLinear
+from sparse_dm.lightning.diffusion_module import SAMPLING_WEIGHTS
 from sparse_dm.models.chirodiff import ChiroDiffNet
 from sparse_dm.sparsity.masks import MASK_SUFFIX
 
@@ -112,17 +113,14 @@ def inference_form(net: nn.Module, thresholds: Thresholds) -> tuple[nn.Module, l
     return form.eval(), choices
 
 
-WEIGHTS = ("ema", "raw")
-
-
 def install_inference_form(
     module: nn.Module, thresholds: Thresholds, weights: str = "ema"
 ) -> list[LayerChoice]:
     """Replace `module.net` (a DiffusionModule's denoiser) by the inference form of its `weights`
     ('ema': the masked EMA average; 'raw': the training weights). The form holds those values, so
     the module then samples with its own net (`sampling.weights` becomes 'raw')."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if weights not in SAMPLING_WEIGHTS:
+        raise ValueError(f"weights must be one of {SAMPLING_WEIGHTS}, got {weights!r}")
     device = next(module.net.parameters()).device
     if device.type != "cpu":
         raise ValueError(

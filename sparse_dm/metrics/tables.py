@@ -43,6 +43,9 @@ def metric_value(summary: dict[str, Any], metric: str) -> float | None:
 def choose_metric(summaries: list[dict[str, Any]], requested: str | None) -> str:
     """FID as soon as any run has it (the paper's metric), else the validation loss."""
     if requested is not None:
+        if requested not in METRICS:
+            allowed = f"one of {sorted(METRICS)} or null"
+            raise ValueError(f"invalid config: metric={requested!r}; allowed: {allowed}")
         return requested
     return "fid" if any(s.get("fid") is not None for s in summaries) else "val_loss"
 
