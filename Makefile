@@ -19,6 +19,13 @@ train:  ## the default CPU run on the bundled KanjiVG (a few minutes)
 cost:
 	$(PYTHON) -m sparse_dm.cost
 
+sweep-demo:  ## the CPU demo grid (static/rigl/magran x S x seeds, plus dense) and its report
+	WANDB_MODE=disabled $(PYTHON) -m sparse_dm.train -m --config-dir multirun_sweeps --config-name demo_cpu_kanjivg \
+		hydra/launcher=local_parallel hydra.launcher.n_jobs=2 num_threads=1
+	WANDB_MODE=disabled $(PYTHON) -m sparse_dm.train -m --config-dir multirun_sweeps --config-name demo_cpu_kanjivg \
+		hydra/launcher=local_parallel hydra.launcher.n_jobs=2 num_threads=1 method=dense sparsity=0
+	$(MAKE) report SWEEP=multirun/demo_cpu_kanjivg
+
 bench:  ## sparse vs dense: training step, mask update, DDIM sampling, file size (a few minutes)
 	$(PYTHON) -m benchmarks.suite
 
