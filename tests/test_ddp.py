@@ -89,7 +89,7 @@ def test_two_ranks_stay_identical(tmp_path, model, method):
         assert_identical(rank0, rank1, f"{model}/{method}/{tag}")
     masks = [k for k in rank0["module"] if k.endswith("_mask")]
     assert masks and rank0["optimizer"]["state"], "nothing sparse or no optimizer state was compared"
-    batches = [torch.load(probe / f"rank{r}_batches.pt") for r in (0, 1)]
+    batches = [torch.load(probe / f"rank{r}_batches.pt", weights_only=True) for r in (0, 1)]
     assert len(batches[0]) == len(batches[1]) == 6
     assert all(a != b for a, b in zip(*batches, strict=True)), "the ranks trained on the same batches"
     # Rank 0 alone writes outputs (each rank keeps its own Hydra log file).
