@@ -20,7 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from sparse_dm.diffusion import NoiseSchedule, masked_mse, sample
-from sparse_dm.diffusion.losses import per_sample_masked_mse
 from sparse_dm.sparsity.ema import MaskedEMA
 
 SAMPLING_WEIGHTS = ("ema", "raw")
@@ -112,12 +111,9 @@ class DiffusionModule(L.LightningModule):
             discretization=cfg.get("discretization", "uniform"),
         )
 
-    def diffusion_loss(self, batch: DiffusionBatch, t: Tensor, noise: Tensor, reduce: bool = True) -> Tensor:
+    def diffusion_loss(self, batch: DiffusionBatch, t: Tensor, noise: Tensor) -> Tensor:
         x_t = self.schedule.q_sample(batch.x0, t, noise)
-        eps = self.predict_eps(x_t, t, batch)
-        if reduce:
-            return masked_mse(eps, noise, batch.mask)
-        return per_sample_masked_mse(eps, noise, batch.mask)
+        return masked_mse(self.predict_eps(x_t, t, batch), noise, batch.mask)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         data = self.prepare_batch(batch)
