@@ -104,7 +104,8 @@ def disk_estimate(cfg: DictConfig, module: nn.Module, extra_state_bytes: int = 0
 def check_disk_space(cfg: DictConfig, module: nn.Module, output_dir: Path) -> dict[str, Any]:
     """Refuse to start when the output folder's free space cannot hold the run's checkpoints."""
     estimate = disk_estimate(cfg, module)
-    free = shutil.disk_usage(output_dir).free
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())  # not created yet
+    free = shutil.disk_usage(existing).free
     estimate["disk_bytes_free"] = free
     needed = estimate["disk_bytes_needed"]
     summary = (
@@ -117,7 +118,7 @@ def check_disk_space(cfg: DictConfig, module: nn.Module, output_dir: Path) -> di
         raise InsufficientDiskError(
             f"not enough disk for this run's checkpoints in {output_dir}: {summary}, but only "
             f"{free / GIB:.3f} GiB are free. Free space, choose another paths.output_dir, or keep fewer "
-            "checkpoints (callbacks.checkpoint.save_top_k / every_n_train_steps)."
+            "checkpoints (callbacks.checkpoint.save_top_k)."
         )
     log.info("disk preflight: %s; %.3f GiB free in %s", summary, free / GIB, output_dir)
     return estimate

@@ -158,12 +158,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")  # bad data fails here, naming file/split/index, before anything is written
     if init is not None:
         init_from_checkpoint(module, engine, init)
+    cost = compute_cost(cfg, module)
+    preflight.check_disk_space(cfg, module, output_dir)  # refuse before fit if checkpoints cannot fit
     if rank_zero_only.rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     module.output_dir = output_dir
-    cost = compute_cost(cfg, module)
-    preflight.check_disk_space(cfg, module, output_dir)  # refuse before fit if checkpoints cannot fit
     callbacks: list[L.Callback] = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks += [RNGStateCallback(), RunFingerprint(cfg)]
     if engine is not None:

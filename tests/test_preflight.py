@@ -33,8 +33,8 @@ def test_run_refuses_to_start_without_disk_for_its_checkpoints(tmp_path, monkeyp
     with pytest.raises(
         preflight.InsufficientDiskError, match=r"checkpoint files .* GiB each = .* only 0\.000 GiB"
     ):
-        run(compose_config(tmp_path, TINY_CHIRODIFF))
-    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "summary.json").exists()
+        run(compose_config(tmp_path / "run", TINY_CHIRODIFF))
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_cost_reports_checkpoint_disk_and_memory_of_the_paper_preset(tmp_path):
