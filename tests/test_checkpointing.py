@@ -254,3 +254,24 @@ def test_summary_and_evaluate_name_the_step(tmp_path, finished_run):
     merged = json.loads((finished_run / "summary.json").read_text())  # README: train -> evaluate
     assert merged["fid_by_steps"]["2"]["fid"] == result["fid"] and math.isfinite(result["fid"])
     assert merged["num_samples"] == 8 and merged["fid"] == result["fid"]  # the run had no FID yet
+
+
+def test_last_checkpoint_is_written_once_per_optimizer_step_under_accumulation(tmp_path, monkeypatch):
+    """With gradient accumulation global_step repeats over micro-batches; saving there would store a
+    half-accumulated step (and write the file several times)."""
+    saved: list[int] = []
+    original = L.Trainer.save_checkpoint
+
+    def record(self, filepath, *args, **kwargs):
+        if Path(filepath).name == "last.ckpt":
+            saved.append(self.global_step)
+        return original(self, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", record)
+    overrides = [
+        "trainer.accumulate_grad_batches=2",
+        "trainer.max_steps=3",
+        "callbacks.last.every_n_train_steps=1",
+    ]
+    run(compose_config(tmp_path, [*SHORT, *overrides]))
+    assert saved == [1, 2, 3]

@@ -233,6 +233,7 @@ class ResumeCheckpoint(Checkpoint):
         self.signals = [signal.Signals[name] for name in signals]
         self.requeue = requeue
         self.received: signal.Signals | None = None
+        self._last_step: int | None = None
         self._stop: TrainingPreempted | None = None
         self._previous_handlers: dict[signal.Signals, Any] = {}
 
@@ -248,6 +249,7 @@ class ResumeCheckpoint(Checkpoint):
         self.received = signal.Signals(signum)  # acted on at the next step boundary, never mid-step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
         # Installed after Lightning's own handlers (registered before the loop starts), replacing them.
         for signum in self.signals:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
@@ -269,6 +271,9 @@ class ResumeCheckpoint(Checkpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
+        if step == self._last_step:  # an accumulation micro-batch: no step boundary, nothing to save
+            return
+        self._last_step = step
         preempt = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
         periodic = bool(self.every_n_train_steps) and step % int(self.every_n_train_steps) == 0
         if preempt or periodic or is_final_step(trainer):
