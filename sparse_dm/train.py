@@ -216,6 +216,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         checkpoint_records(output_dir / "checkpoints"),
         time.perf_counter() - start,
     )
+    summary["steps_completed"] = int(trainer.global_step)  # < train_steps if trainer.max_time stopped it
     summary.update(sketch_stats_entry(module))
     fidelity = next((c for c in callbacks if isinstance(c, FidelityCallback)), None)
     if fidelity is not None:
