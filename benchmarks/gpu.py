@@ -50,14 +50,20 @@ FULL = {
     "sparsities": [0.5, 0.75, 0.9, 0.95],
     "kernel_reps": 50,
     "kernel_shapes": [[8192, 448, 1344], [2048, 672, 2016], [512, 896, 2688], [16384, 4096, 4096]],
-    "check_methods": [["rigl", "32-true"], ["rigl", "16-mixed"], ["rigl", "bf16-mixed"], ["magran", "16-mixed"]],
+    "check_methods": [
+        ["rigl", "32-true"],
+        ["rigl", "16-mixed"],
+        ["rigl", "bf16-mixed"],
+        ["magran", "16-mixed"],
+    ],
     "check_steps": 40,
     "check_interval": 10,
     "with_unet": True,
 }
 QUICK = {**FULL, "train_pairs": 2, "warmup": 1, "update_repeats": 1, "unet_batch": 1, "chirodiff_batch": 8,
          "ddim_batches": [8], "ddim_steps": 2, "ddim_pairs": 1, "sparsities": [0.9], "kernel_reps": 2,
-         "kernel_shapes": [[64, 32, 48]], "check_methods": [["rigl", "32-true"], ["magran", "bf16-mixed"]], "check_steps": 6,
+         "kernel_shapes": [[64, 32, 48]], "check_methods": [["rigl", "32-true"], ["magran", "bf16-mixed"]],
+         "check_steps": 6,
          "check_interval": 2, "with_unet": False}  # fmt: skip
 TRAIN_SPARSITY = 0.9
 PAPER_TE = {"chirodiff": 800, "unet": 1100}
@@ -73,20 +79,25 @@ def synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:
 
 
 # ----- 1. checks through the real training command -------------------------------------------------
-def start_check(method: str, precision: str, settings: dict, device: torch.device, out: Path) -> subprocess.Popen:
+def start_check(
+    method: str, precision: str, settings: dict, device: torch.device, out: Path
+) -> subprocess.Popen:
     """Launch one short training run (the checks run side by side: each is mostly start-up time)."""
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     steps, interval = settings["check_steps"], settings["check_interval"]
     cmd = [sys.executable, "-m", "sparse_dm.train", "debug=tiny", f"method={method}", "sparsity=0.9",
            f"trainer.accelerator={accelerator}", f"trainer.precision={precision}",
            f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", f"update_interval={interval}",
-           "model.net.hidden_size=96", "model.net.num_layers=3", "dataset.batch_size=64", "dataset.num_train=512",
+           "model.net.hidden_size=96", "model.net.num_layers=3", "dataset.batch_size=64",
+           "dataset.num_train=512",
            f"callbacks.last.every_n_train_steps={steps}", f"paths.output_dir={out}",
            "trainer.enable_progress_bar=false"]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
-def finish_check(method: str, precision: str, proc: subprocess.Popen, device: torch.device, out: Path) -> dict:
+def finish_check(
+    method: str, precision: str, proc: subprocess.Popen, device: torch.device, out: Path
+) -> dict:
     _, stderr = proc.communicate()
     record: dict[str, Any] = {"method": method, "precision": precision, "returncode": proc.returncode}
     if proc.returncode != 0:
@@ -207,7 +218,8 @@ def measure_sampling(sparsity: float, batch: int, settings: dict, device: torch.
     x_T = torch.randn(batch, int(lengths.max()), 3, generator=generator).to(device)
 
     def sampler(net: nn.Module) -> Callable[[], None]:
-        return synced(lambda: ddim_sample(lambda x, t: net(x, t, lengths), x_T, schedule, settings["ddim_steps"]),
+        steps = settings["ddim_steps"]
+        return synced(lambda: ddim_sample(lambda x, t: net(x, t, lengths), x_T, schedule, steps),
                       device)  # fmt: skip
 
     dense_fn, sparse_fn = sampler(dense_net), sampler(sparse_net)
@@ -292,7 +304,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         "",
         "## Checks on the GPU: `sparse_dm.train` runs with mask updates (ChiroDiff 3x96, S=0.9)",
         "",
-        "| method | precision | rc | updates | skipped | exact nnz | values inside masks | CPU vs CUDA max diff |",
+        "| method | precision | rc | updates | skipped | exact nnz | values inside masks "
+        "| CPU vs CUDA max diff |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["checks"]:
@@ -325,7 +338,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
     ]
     for r in results["sampling"]:
         lines.append(
-            f"| {r['sparsity']} | {r['batch']} | {r['ddim_steps']} | {r['dense_s']:.3f} | {r['masked_s']:.3f} | "
+            f"| {r['sparsity']} | {r['batch']} | {r['ddim_steps']} | {r['dense_s']:.3f} | "
+            f"{r['masked_s']:.3f} | "
             f"{r['speedup']:.2f}x | {r['samples_per_s_masked']:.0f} |"
         )
     sparsities = results["settings"]["sparsities"]

@@ -10,6 +10,7 @@ variable (online / offline / disabled) overrides `logger.wandb.mode`.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,10 @@ def wandb_mode(cfg: DictConfig) -> str:
 
 
 def finish_wandb() -> None:
-    """End the active W&B run, if any, so the next job of a multirun starts its own run."""
-    import wandb
-
-    if wandb.run is not None:
+    """End the active W&B run, if any, so the next job of a multirun starts its own run (a run with
+    W&B off never imported it, so there is nothing to end)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
         wandb.finish()
 
 
