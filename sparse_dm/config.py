@@ -121,7 +121,7 @@ def validate(cfg: DictConfig) -> None:
         _check(
             cfg, "model.sampling.steps", lambda v: v <= most, f"an integer in [1, {most}] with compvis DDIM"
         )
-    _check(cfg, "model.optimizer.scale_lr", lambda v: isinstance(v, bool), "true or false", optional=True)
+    _check(cfg, "model.scale_lr", lambda v: isinstance(v, bool), "true or false", optional=True)
     _check(cfg, "model.sampling.num_samples", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     _check(cfg, "cost.convention", lambda v: v in CONVENTIONS, f"one of {CONVENTIONS}")
     _check(cfg, "trainer.max_steps", lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 or an integer >= 1")

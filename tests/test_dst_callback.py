@@ -1,4 +1,5 @@
-"""The Lightning adapter: step counting under accumulation, masked EMA, checkpoint -> resume."""
+"""The Lightning adapter (DiffusionModule + SparseStep + DSTCallback): step counting under
+accumulation, masked EMA, checkpoint -> resume."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def sparse_run(seed: int = 0, interval: int = 4, init_seed: int = 0):
     L.seed_everything(init_seed)
     module = make_module()
     engine = SparseEngine(module.net, 0.6, grow="random", prune_rate=0.3, update_interval=interval, seed=seed)
+    module.attach_engine(engine)
     module.ema.remask(module.net)
     return module, engine, DSTCallback(engine)
 
