@@ -30,10 +30,10 @@ def trainer(tmp_path, max_steps: int, callbacks, **kwargs) -> L.Trainer:
     )
 
 
-def sparse_run(seed: int = 0, interval: int = 4, init_seed: int = 0):
+def sparse_run(seed: int = 0, interval: int = 4, init_seed: int = 0, grow: str = "random"):
     L.seed_everything(init_seed)
     module = make_module()
-    engine = SparseEngine(module.net, 0.6, grow="random", prune_rate=0.3, update_interval=interval, seed=seed)
+    engine = SparseEngine(module.net, 0.6, grow=grow, prune_rate=0.3, update_interval=interval, seed=seed)
     module.attach_engine(engine)
     module.ema.remask(module.net)
     return module, engine, DSTCallback(engine)
@@ -66,13 +66,16 @@ def test_ema_weights_are_masked_and_updated_after_remasking(tmp_path):
         pytest.fail("masks are not bool buffers")
 
 
-@pytest.mark.parametrize("stop_at", [5, 8, 11])  # mid-epoch, epoch boundary, mid-epoch (8 batches/epoch)
-def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path, stop_at):
-    module, engine, callback = sparse_run()
+@pytest.mark.parametrize(  # mid-epoch, epoch boundary, mid-epoch (8 batches/epoch)
+    ("stop_at", "grow"), [(5, "random"), (8, "random"), (11, "random"), (5, "momentum")]
+)
+def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path, stop_at, grow):
+    """Momentum growth: its dense-gradient average must come back from the checkpoint too."""
+    module, engine, callback = sparse_run(grow=grow)
     saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=stop_at, save_top_k=-1)
     trainer(tmp_path / "full", 16, [callback, RNGStateCallback(), saver]).fit(module, ToyData())
 
-    resumed, resumed_engine, resumed_cb = sparse_run(init_seed=123)  # other init: must be overwritten
+    resumed, resumed_engine, resumed_cb = sparse_run(init_seed=123, grow=grow)  # other init: overwritten
     trainer(tmp_path / "resumed", 16, [resumed_cb, RNGStateCallback()], enable_checkpointing=False).fit(
         resumed, ToyData(), ckpt_path=tmp_path / f"step={stop_at}.ckpt"
     )
@@ -83,6 +86,9 @@ def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path, stop_at):
     for (name, a), b in zip(module.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert resumed_engine.exploration_rate() == engine.exploration_rate()
+    if grow == "momentum":
+        for a, b in zip(engine.grad_ema, resumed_engine.grad_ema, strict=True):
+            assert torch.equal(a, b)
 
 
 def _shadow(module, name: str) -> torch.Tensor:
