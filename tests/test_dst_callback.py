@@ -7,6 +7,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins import MixedPrecision
 from toy_diffusion import ToyData, make_module
 
@@ -173,3 +174,44 @@ def test_amp_overflow_at_an_update_step_skips_the_update(tmp_path, where):
     engine.check_masks()
     for weight in engine.weights:
         assert not weight.param[~weight.mask].any()
+
+
+class FakeWandbRun:
+    """Stands in for wandb's Run object behind a real WandbLogger: records every `log` call."""
+
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+
+    def log(self, data: dict, *args, **kwargs) -> None:
+        self.logged.append(dict(data))
+
+
+def test_every_mask_update_logs_density_per_layer_and_exploration_to_wandb(tmp_path):
+    module, engine, callback = sparse_run(interval=3)
+    wandb_logger = WandbLogger(save_dir=str(tmp_path), mode="offline")
+    run = FakeWandbRun()
+    wandb_logger._experiment = run
+    L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=10,
+        accelerator="cpu",
+        logger=wandb_logger,
+        log_every_n_steps=100,  # only the update logs, not the training loss
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=[callback],
+    ).fit(module, ToyData())
+    updates = [entry for entry in run.logged if "sparsity/exploration_rate" in entry]
+    assert [entry["trainer/global_step"] for entry in updates] == [3, 6, 9]
+    layers = {weight.name: weight for weight in engine.weights}
+    for entry in updates:
+        densities = {k.removeprefix("density/"): v for k, v in entry.items() if k.startswith("density/")}
+        assert densities.keys() == layers.keys()
+        assert 0.0 < entry["sparsity/exploration_rate"] <= 1.0
+        assert entry["sparsity/replaced"] > 0
+    last = updates[-1]
+    assert last["sparsity/exploration_rate"] == engine.exploration_rate()
+    for name, weight in layers.items():
+        assert last[f"density/{name}"] == float(weight.mask.float().mean())
