@@ -33,6 +33,11 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
+def check_sampling_weights(weights: str) -> None:
+    if weights not in SAMPLING_WEIGHTS:
+        raise ValueError(f"model.sampling.weights={weights!r}; allowed: one of {SAMPLING_WEIGHTS}")
+
+
 def factory_config(factory: Callable[..., Any] | None) -> dict[str, Any] | None:
     """A Hydra partial as the plain config it came from (`_target_`, `_partial_`, its arguments):
     hyperparameters stay loadable with torch.load(weights_only=True)."""
@@ -86,10 +91,7 @@ class DiffusionModule(L.LightningModule):
         )
         self.ema = MaskedEMA(net, **ema)
         self.sparse_step = SparseStep(net, self.ema)
-        if sampling["weights"] not in SAMPLING_WEIGHTS:
-            raise ValueError(
-                f"model.sampling.weights must be one of {SAMPLING_WEIGHTS}, got {sampling['weights']!r}"
-            )
+        check_sampling_weights(sampling["weights"])
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.sampling_cfg = dict(sampling)

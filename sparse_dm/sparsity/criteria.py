@@ -66,7 +66,7 @@ def register(
 
 def get(registry: dict[str, Criterion], name: str, key: str) -> Criterion:
     if name not in registry:
-        raise ValueError(f"{key} must be one of {sorted(registry)}, got {name!r}")
+        raise ValueError(f"{key}={name!r}; allowed: one of {sorted(registry)}")
     return registry[name]
 
 

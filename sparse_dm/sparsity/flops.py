@@ -80,6 +80,11 @@ def forward_flops(weight_uses: list[WeightUse], active: Mapping[str, int] | None
     return float(sum(FLOPS_PER_MAC * active.get(w.name, w.numel) * w.uses for w in weight_uses))
 
 
+def check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"cost.convention={convention!r}; allowed: one of {CONVENTIONS}")
+
+
 def cost_summary(
     net: nn.Module,
     weight_uses: list[WeightUse],
@@ -102,8 +107,7 @@ def cost_summary(
     multiplies by the batch (RigL papers).
     `train_steps=None` (unknown training-set size) leaves the absolute train FLOPs null.
     """
-    if convention not in CONVENTIONS:
-        raise ValueError(f"cost.convention must be one of {CONVENTIONS}, got {convention!r}")
+    check_convention(convention)
     f_dense = forward_flops(weight_uses)
     f_sparse = forward_flops(weight_uses, active)
     if dense_grad_every_step:
