@@ -37,6 +37,7 @@ from sparse_dm.models.chirodiff import ChiroDiffNet
 from sparse_dm.models.ldm_unet import UNetModel
 from sparse_dm.sparsity import MaskedEMA, SparseEngine
 from sparse_dm.sparsity.masks import MASK_SUFFIX
+from sparse_dm.sparsity.step import SparseStep
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -115,24 +116,22 @@ def unet_case(batch: int) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor
 
 
 class Trainer:
-    """One optimisation step as DiffusionModule + DSTCallback do it: backward, engine hooks,
-    clipping, AdamW, EMA update, and at mask updates the EMA re-mask."""
+    """One optimisation step as the DiffusionModule runs it: backward, then `SparseStep` (gradient
+    masks, clipping, AdamW, re-mask, EMA update, at mask updates explore + the EMA policy)."""
 
     def __init__(self, net: nn.Module, loss_fn, engine: SparseEngine | None) -> None:
         self.net, self.loss_fn, self.engine = net, loss_fn, engine
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-2)
         self.ema = MaskedEMA(net, 0.999)
+        self.sparse_step = SparseStep(net, self.ema, engine)
+
+    def clip(self) -> None:
+        nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.loss_fn(self.net).backward()
-        if self.engine is not None:
-            self.engine.before_step()
-        nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
-        self.optimizer.step()
-        self.ema.update(self.net)
-        if self.engine is not None and self.engine.after_step(self.optimizer) is not None:
-            self.ema.masks_changed(self.net)
+        self.sparse_step.step(self.optimizer, self.clip)
 
     def timed_update(self) -> float:
         """Wall time of the engine's and EMA's work at one mask-update step (gradients present)."""
@@ -142,12 +141,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.loss_fn(self.net).backward()
         start = time.perf_counter()
-        self.engine.before_step()  # keeps the dense gradient for growth
-        nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
-        self.optimizer.step()
-        self.ema.update(self.net)
-        report = self.engine.after_step(self.optimizer)  # explore + optimizer reset + history
-        self.ema.masks_changed(self.net)
+        report = self.sparse_step.step(self.optimizer, self.clip)  # explore + optimizer reset + EMA policy
         elapsed = time.perf_counter() - start
         assert report is not None, "the timed step was not a mask update"
         return elapsed

@@ -1,20 +1,29 @@
-"""Config checks that run before anything is built, so bad values fail fast with the key's name."""
+"""Config checks that run before anything is built, so bad values fail fast with the key's name.
+
+Each value has one rule. Keys that an object checks when it is built (SparseEngine's schedule and
+criteria, MaskedEMA, NoiseSchedule, the sampling weights, the non-finite guard, the cost convention)
+are checked here by calling that object's own rule; keys no object checks have their rule here; the
+rules between keys (dense <=> S = 0, sampling steps <= T, a run length) are `check_cross_key_rules`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm.data.stroke3 import TOO_LONG_POLICIES
 from sparse_dm.diffusion.samplers import COMPVIS_MIN_STRIDE, DISCRETIZATIONS, SAMPLERS
-from sparse_dm.lightning.diffusion_module import SAMPLING_WEIGHTS
-from sparse_dm.sparsity.criteria import GROW_CRITERIA, PRUNE_CRITERIA
-from sparse_dm.sparsity.distributions import DISTRIBUTIONS
-from sparse_dm.sparsity.ema import MASK_UPDATE_POLICIES
-from sparse_dm.sparsity.flops import CONVENTIONS
-from sparse_dm.sparsity.schedule import SCHEDULES
+from sparse_dm.diffusion.schedule import NoiseSchedule
+from sparse_dm.lightning.diffusion_module import check_sampling_weights
+from sparse_dm.lightning.nonfinite_guard import check_max_consecutive
+from sparse_dm.sparsity import criteria
+from sparse_dm.sparsity.distributions import check_distribution, check_sparsity
+from sparse_dm.sparsity.ema import check_ema_settings
+from sparse_dm.sparsity.flops import check_convention
+from sparse_dm.sparsity.schedule import UpdateSchedule
 
 METHODS = ("dense", "static", "rigl", "magran")
 
@@ -49,10 +58,42 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Reject invalid sparsity/method/optimisation values before data or models are built."""
-    _check(cfg, "method.name", lambda v: v in METHODS, f"one of {METHODS}")
-    _check(cfg, "sparsity", lambda v: _is_number(v) and 0.0 <= v < 1.0, "a number in [0, 1)")
+@contextmanager
+def _named_by_owner() -> Iterator[None]:
+    """Errors of the objects that own a value's rule, as config errors (they name key and range)."""
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError(f"invalid config: {err}") from err
+
+
+def _check_owned_values(cfg: DictConfig) -> None:
+    """Values whose rule lives in the object that uses them, checked by that rule before anything
+    is built (building a schedule or noise schedule is cheap; nothing touches data or weights)."""
+    with _named_by_owner():
+        check_sparsity(_get(cfg, "sparsity"))
+        check_distribution(_get(cfg, "method.distribution"))
+        criteria.get(criteria.PRUNE_CRITERIA, _get(cfg, "method.prune"), "method.prune")
+        if _get(cfg, "method.grow") is not None:
+            criteria.get(criteria.GROW_CRITERIA, cfg.method.grow, "method.grow")
+        UpdateSchedule(
+            _get(cfg, "update_interval"),
+            _get(cfg, "prune_rate"),
+            _get(cfg, "method.schedule"),
+            _get(cfg, "method.end_step"),
+            _get(cfg, "method.end_fraction"),
+        )
+        check_ema_settings(**OmegaConf.to_container(cfg.model.ema, resolve=True))
+        check_sampling_weights(_get(cfg, "model.sampling.weights"))
+        diffusion = cfg.model.diffusion
+        NoiseSchedule(diffusion.schedule, diffusion.num_timesteps, diffusion.beta_start, diffusion.beta_end)
+        check_convention(_get(cfg, "cost.convention"))
+        if "nonfinite" in cfg:  # absent from run configs saved before it existed (evaluate re-reads those)
+            check_max_consecutive(_get(cfg, "nonfinite.max_consecutive_losses"))
+
+
+def check_cross_key_rules(cfg: DictConfig) -> None:
+    """Rules between keys: method <=> sparsity, sampling steps <= T (and the compvis bound), a run length."""
     if cfg.method.name == "dense" and cfg.sparsity != 0:
         raise ConfigError(
             f"invalid config: sparsity={cfg.sparsity} with method=dense; allowed: 0 (use static/rigl/magran)"
@@ -61,26 +102,27 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"invalid config: sparsity=0 with method={cfg.method.name}; allowed: (0, 1) or method=dense"
         )
-    _check(cfg, "prune_rate", lambda v: _is_number(v) and 0.0 < v <= 1.0, "a number in (0, 1]")
-    _check(cfg, "update_interval", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-    _check(cfg, "seed", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
-    _check(cfg, "method.distribution", lambda v: v in DISTRIBUTIONS, f"one of {DISTRIBUTIONS}")
-    _check(cfg, "method.prune", lambda v: v in PRUNE_CRITERIA, f"one of {sorted(PRUNE_CRITERIA)}")
-    _check(cfg, "method.grow", lambda v: v in GROW_CRITERIA, f"one of {sorted(GROW_CRITERIA)}", optional=True)
-    _check(cfg, "method.schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES}")
-    _check(cfg, "method.end_step", lambda v: _is_int(v) and v >= 1, "null or an integer >= 1", optional=True)
+    steps = cfg.model.diffusion.num_timesteps
     _check(
-        cfg,
-        "method.end_fraction",
-        lambda v: _is_number(v) and 0.0 < v <= 1.0,
-        "null or a number in (0, 1]",
-        optional=True,
+        cfg, "model.sampling.steps", lambda v: _is_int(v) and 1 <= v <= steps, f"an integer in [1, {steps}]"
     )
-    if cfg.method.schedule == "cosine" and cfg.method.end_step is None and cfg.method.end_fraction is None:
-        raise ConfigError(
-            "invalid config: method.schedule=cosine decays to 0 at the last update; allowed: set "
-            "method.end_fraction (e.g. 0.75) or method.end_step"
+    if OmegaConf.select(cfg, "model.sampling.discretization") == "compvis":
+        most = steps // COMPVIS_MIN_STRIDE
+        _check(
+            cfg, "model.sampling.steps", lambda v: v <= most, f"an integer in [1, {most}] with compvis DDIM"
         )
+    if cfg.trainer.max_steps == -1 and (cfg.trainer.get("max_epochs") in (None, -1)):
+        raise ConfigError(
+            "invalid config: trainer.max_steps=-1 and trainer.max_epochs unset; set one of them"
+        )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject invalid values before data or models are built: keys no object checks (here), keys
+    their objects check (through those objects' own rules), then the rules between keys."""
+    _check(cfg, "method.name", lambda v: v in METHODS, f"one of {METHODS}")
+    _check_owned_values(cfg)
+    _check(cfg, "seed", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     _check(cfg, "dataset.batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     _check(
         cfg, "dataset.num_train", lambda v: _is_int(v) and v >= 1, "null or an integer >= 1", optional=True
@@ -93,21 +135,8 @@ def validate(cfg: DictConfig) -> None:
         f"one of {TOO_LONG_POLICIES}",
         optional=True,
     )
-    if "nonfinite" in cfg:  # absent from run configs saved before it existed (evaluate re-reads those)
-        _check(cfg, "nonfinite.max_consecutive_losses", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     _check(cfg, "model.optimizer.lr", lambda v: _is_number(v) and v > 0, "a number > 0")
-    _check(cfg, "model.optimizer.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0")
-    _check(cfg, "model.ema.decay", lambda v: _is_number(v) and 0.0 <= v < 1.0, "a number in [0, 1)")
-    _check(cfg, "model.ema.warmup", lambda v: isinstance(v, bool), "true or false")
-    _check(
-        cfg, "model.ema.on_mask_update", lambda v: v in MASK_UPDATE_POLICIES, f"one of {MASK_UPDATE_POLICIES}"
-    )
-    _check(cfg, "model.sampling.weights", lambda v: v in SAMPLING_WEIGHTS, f"one of {SAMPLING_WEIGHTS}")
-    steps = _get(cfg, "model.diffusion.num_timesteps")
-    _check(cfg, "model.diffusion.num_timesteps", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-    _check(
-        cfg, "model.sampling.steps", lambda v: _is_int(v) and 1 <= v <= steps, f"an integer in [1, {steps}]"
-    )
+    _check(cfg, "model.optimizer.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0", True)
     _check(cfg, "model.sampling.sampler", lambda v: v in SAMPLERS, f"one of {SAMPLERS}")
     _check(
         cfg,
@@ -116,14 +145,8 @@ def validate(cfg: DictConfig) -> None:
         f"one of {DISCRETIZATIONS}",
         True,
     )
-    if OmegaConf.select(cfg, "model.sampling.discretization") == "compvis":
-        most = steps // COMPVIS_MIN_STRIDE
-        _check(
-            cfg, "model.sampling.steps", lambda v: v <= most, f"an integer in [1, {most}] with compvis DDIM"
-        )
-    _check(cfg, "model.optimizer.scale_lr", lambda v: isinstance(v, bool), "true or false", optional=True)
+    _check(cfg, "model.scale_lr", lambda v: isinstance(v, bool), "true or false", optional=True)
     _check(cfg, "model.sampling.num_samples", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-    _check(cfg, "cost.convention", lambda v: v in CONVENTIONS, f"one of {CONVENTIONS}")
     _check(cfg, "trainer.max_steps", lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 or an integer >= 1")
     _check(
         cfg,
@@ -132,7 +155,4 @@ def validate(cfg: DictConfig) -> None:
         "-1 or an integer >= 1",
         optional=True,
     )
-    if cfg.trainer.max_steps == -1 and (cfg.trainer.get("max_epochs") in (None, -1)):
-        raise ConfigError(
-            "invalid config: trainer.max_steps=-1 and trainer.max_epochs unset; set one of them"
-        )
+    check_cross_key_rules(cfg)

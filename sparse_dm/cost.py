@@ -50,7 +50,8 @@ def compute_cost(cfg: DictConfig, module: torch.nn.Module | None = None) -> dict
     uses = measure_weight_uses(net, module.example_net_inputs(1))
     active = {w.name: w.numel for w in uses} if cfg.method.name == "dense" else active_counts(cfg, net)
     grow = cfg.method.grow
-    dense_grads = grow is not None and criteria.get(criteria.GROW_CRITERIA, grow, "method.grow").needs_grad
+    criterion = None if grow is None else criteria.get(criteria.GROW_CRITERIA, grow, "method.grow")
+    dense_grads = criterion is not None and criterion.needs_grad
     try:
         steps: int | None = train_steps(cfg)
     except TrainingSetUnknown as err:
@@ -77,6 +78,7 @@ def compute_cost(cfg: DictConfig, module: torch.nn.Module | None = None) -> dict
         dense_grad_updates=dense_grads,
         convention=cfg.cost.convention,
         update_window=window,
+        dense_grad_every_step=criterion is not None and criterion.needs_grad_ema,
     )
     planned = schedule.num_updates() if grow is not None else 0
     return {**cost, "mask_updates_planned": planned, "mask_updates_stop_step": stop if grow else None}

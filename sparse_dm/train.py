@@ -47,27 +47,6 @@ from sparse_dm.summary import build_summary, sketch_stats_entry, write_summary
 log = logging.getLogger(__name__)
 
 
-def build_engine(cfg: DictConfig, net: torch.nn.Module) -> SparseEngine | None:
-    """Masks for the configured method on `net` (None for dense)."""
-    if cfg.method.name == "dense":
-        return None
-    return SparseEngine(
-        net,
-        sparsity=float(cfg.sparsity),
-        distribution=cfg.method.distribution,
-        prune=cfg.method.prune,
-        grow=cfg.method.grow,
-        prune_rate=float(cfg.prune_rate),
-        update_interval=int(cfg.update_interval),
-        schedule=cfg.method.schedule,
-        end_step=cfg.method.end_step,
-        end_fraction=cfg.method.end_fraction,
-        seed=int(cfg.seed),
-        include=cfg.method.include,
-        exclude=list(cfg.method.exclude),
-    )
-
-
 def check_sparsity_budget(cfg: DictConfig) -> None:
     """Refuse, before data or weights exist, a sparsity that leaves a layer with no active weight
     (counts from the denoiser built on the meta device: no memory, no time)."""
@@ -93,7 +72,10 @@ def build_run(cfg: DictConfig) -> tuple[DiffusionModule, L.LightningDataModule, 
     # Plain containers (not DictConfig) so checkpoints load with torch.load(weights_only=True).
     datamodule = instantiate(cfg.dataset, _convert_="all")
     module: DiffusionModule = instantiate(cfg.model, _convert_="all")
-    engine = build_engine(cfg, module.net)
+    engine: SparseEngine | None = None
+    if cfg.method.name != "dense":  # conf/method/*: a partial of SparseEngine, completed with the net
+        engine = instantiate(cfg.method, _convert_="all")(module.net)
+        module.attach_engine(engine)
     module.ema.remask(module.net)
     return module, datamodule, engine
 

@@ -14,7 +14,6 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -29,10 +28,10 @@ def main(cfg: DictConfig) -> float:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     datamodule = instantiate(cfg.dataset)
-    module = instantiate(cfg.model)
+    module = instantiate(cfg.model, _convert_="all")
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        logger=CSVLogger(str(out), name="csv"),
+        logger=instantiate(cfg.logger.csv),
         default_root_dir=str(out),
         enable_checkpointing=False,
     )

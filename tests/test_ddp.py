@@ -34,7 +34,7 @@ TINY_LDM = [
     "dataset.num_val=8",
     "dataset.batch_size=8",
     "trainer.limit_val_batches=1",
-    "logger.wandb.enabled=false",
+    "logger.wandb=null",
 ]
 MODELS = {"chirodiff": TINY_CHIRODIFF, "ldm_tiny": TINY_LDM}
 

@@ -1,4 +1,5 @@
-"""The Lightning adapter: step counting under accumulation, masked EMA, checkpoint -> resume."""
+"""The Lightning adapter (DiffusionModule + SparseStep + DSTCallback): step counting under
+accumulation, masked EMA, checkpoint -> resume."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins import MixedPrecision
 from toy_diffusion import ToyData, make_module
 
@@ -29,10 +31,11 @@ def trainer(tmp_path, max_steps: int, callbacks, **kwargs) -> L.Trainer:
     )
 
 
-def sparse_run(seed: int = 0, interval: int = 4, init_seed: int = 0):
+def sparse_run(seed: int = 0, interval: int = 4, init_seed: int = 0, grow: str = "random"):
     L.seed_everything(init_seed)
     module = make_module()
-    engine = SparseEngine(module.net, 0.6, grow="random", prune_rate=0.3, update_interval=interval, seed=seed)
+    engine = SparseEngine(module.net, 0.6, grow=grow, prune_rate=0.3, update_interval=interval, seed=seed)
+    module.attach_engine(engine)
     module.ema.remask(module.net)
     return module, engine, DSTCallback(engine)
 
@@ -64,13 +67,16 @@ def test_ema_weights_are_masked_and_updated_after_remasking(tmp_path):
         pytest.fail("masks are not bool buffers")
 
 
-@pytest.mark.parametrize("stop_at", [5, 8, 11])  # mid-epoch, epoch boundary, mid-epoch (8 batches/epoch)
-def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path, stop_at):
-    module, engine, callback = sparse_run()
+@pytest.mark.parametrize(  # mid-epoch, epoch boundary, mid-epoch (8 batches/epoch)
+    ("stop_at", "grow"), [(5, "random"), (8, "random"), (11, "random"), (5, "momentum")]
+)
+def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path, stop_at, grow):
+    """Momentum growth: its dense-gradient average must come back from the checkpoint too."""
+    module, engine, callback = sparse_run(grow=grow)
     saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=stop_at, save_top_k=-1)
     trainer(tmp_path / "full", 16, [callback, RNGStateCallback(), saver]).fit(module, ToyData())
 
-    resumed, resumed_engine, resumed_cb = sparse_run(init_seed=123)  # other init: must be overwritten
+    resumed, resumed_engine, resumed_cb = sparse_run(init_seed=123, grow=grow)  # other init: overwritten
     trainer(tmp_path / "resumed", 16, [resumed_cb, RNGStateCallback()], enable_checkpointing=False).fit(
         resumed, ToyData(), ckpt_path=tmp_path / f"step={stop_at}.ckpt"
     )
@@ -81,6 +87,9 @@ def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path, stop_at):
     for (name, a), b in zip(module.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert resumed_engine.exploration_rate() == engine.exploration_rate()
+    if grow == "momentum":
+        for a, b in zip(engine.grad_ema, resumed_engine.grad_ema, strict=True):
+            assert torch.equal(a, b)
 
 
 def _shadow(module, name: str) -> torch.Tensor:
@@ -165,3 +174,44 @@ def test_amp_overflow_at_an_update_step_skips_the_update(tmp_path, where):
     engine.check_masks()
     for weight in engine.weights:
         assert not weight.param[~weight.mask].any()
+
+
+class FakeWandbRun:
+    """Stands in for wandb's Run object behind a real WandbLogger: records every `log` call."""
+
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+
+    def log(self, data: dict, *args, **kwargs) -> None:
+        self.logged.append(dict(data))
+
+
+def test_every_mask_update_logs_density_per_layer_and_exploration_to_wandb(tmp_path):
+    module, engine, callback = sparse_run(interval=3)
+    wandb_logger = WandbLogger(save_dir=str(tmp_path), mode="offline")
+    run = FakeWandbRun()
+    wandb_logger._experiment = run
+    L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=10,
+        accelerator="cpu",
+        logger=wandb_logger,
+        log_every_n_steps=100,  # only the update logs, not the training loss
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=[callback],
+    ).fit(module, ToyData())
+    updates = [entry for entry in run.logged if "sparsity/exploration_rate" in entry]
+    assert [entry["trainer/global_step"] for entry in updates] == [3, 6, 9]
+    layers = {weight.name: weight for weight in engine.weights}
+    for entry in updates:
+        densities = {k.removeprefix("density/"): v for k, v in entry.items() if k.startswith("density/")}
+        assert densities.keys() == layers.keys()
+        assert 0.0 < entry["sparsity/exploration_rate"] <= 1.0
+        assert entry["sparsity/replaced"] > 0
+    last = updates[-1]
+    assert last["sparsity/exploration_rate"] == engine.exploration_rate()
+    for name, weight in layers.items():
+        assert last[f"density/{name}"] == float(weight.mask.float().mean())

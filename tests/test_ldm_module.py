@@ -1,5 +1,7 @@
 """LatentDiffusionModule: first stage handling, CFG, samplers on an LDM schedule, Lightning fit."""
 
+import functools
+
 import lightning as L
 import pytest
 import torch
@@ -27,7 +29,9 @@ def make_module(num_classes=None, first_stage=None, steps=5, num_timesteps=1000,
         diffusion=dict(
             schedule="sqrt_linear", num_timesteps=num_timesteps, beta_start=0.0015, beta_end=0.0195
         ),
-        optimizer=dict(lr=1e-3, weight_decay=1e-2, betas=[0.9, 0.999], eps=1e-8),
+        optimizer=functools.partial(
+            torch.optim.AdamW, lr=1e-3, weight_decay=1e-2, betas=(0.9, 0.999), eps=1e-8
+        ),
         ema=dict(decay=0.9),
         sampling=dict(
             weights="ema", sampler="ddim", steps=steps, eta=eta, num_samples=4, guidance_scale=1.0, seed=0
@@ -200,9 +204,9 @@ def test_sampling_uses_the_configured_discretization():
 
 def test_scale_lr_multiplies_by_batch_devices_and_accumulation(tmp_path):
     module = make_module()
-    module.optimizer_cfg["scale_lr"] = True
+    module.scale_lr = True
     trainer = fit_briefly(module, tmp_path, accumulate_grad_batches=2, max_epochs=1)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 4 * 1 * 2)
-    assert module.optimizer_cfg["lr"] == 1e-3
+    assert module.hparams["optimizer"]["lr"] == 1e-3
     plain = make_module()
     assert fit_briefly(plain, tmp_path).optimizers[0].param_groups[0]["lr"] == 1e-3

@@ -94,7 +94,7 @@ def tiny_overrides(root, first_stage, folder):
         "trainer.check_val_every_n_epoch=null",
         "trainer.limit_val_batches=1",
         "trainer.enable_progress_bar=false",
-        "logger.wandb.enabled=false",
+        "logger.wandb=null",
         "callbacks.last.every_n_train_steps=1",
         "num_threads=1",
     ]
@@ -118,7 +118,7 @@ def test_paper_preset_runs_on_its_real_layout(tmp_path, trees, preset):
     cfg = compose_config(
         tmp_path, [f"experiment={preset}", *tiny_overrides(root, first_stage, folder), *extra]
     )
-    assert cfg.model.sampling.discretization == "compvis" and cfg.model.optimizer.scale_lr is False
+    assert cfg.model.sampling.discretization == "compvis" and cfg.model.scale_lr is False
     datamodule = instantiate(cfg.dataset, _convert_="all")
     datamodule.setup()
     assert (len(datamodule.train_set), len(datamodule.val_set)) == (num_train, num_val)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import OmegaConf
 
@@ -12,6 +14,8 @@ from sparse_dm.lightning.wandb_logging import (
     run_identity,
     wandb_mode,
 )
+
+LOGGER_CONFIG = Path(__file__).parents[1] / "conf" / "logger" / "default.yaml"
 
 
 def make_cfg(method: str = "rigl", sparsity: float = 0.9, prune_rate: float = 0.05, seed: int = 1):
@@ -24,16 +28,8 @@ def make_cfg(method: str = "rigl", sparsity: float = 0.9, prune_rate: float = 0.
             "prune_rate": prune_rate,
             "seed": seed,
             "trainer": {"max_steps": "${dataset.batch_size}"},
-            "logger": {
-                "csv": True,
-                "wandb": {
-                    "enabled": True,
-                    "project": "sparse_dm",
-                    "entity": None,
-                    "mode": "offline",
-                    "log_model": False,
-                },
-            },
+            "paths": {"output_dir": "the job's folder (build_loggers is given it)"},
+            "logger": OmegaConf.load(LOGGER_CONFIG),
         }
     )
 
@@ -83,7 +79,7 @@ def test_disabled_loggers_work_offline_one_run_per_job(tmp_path, monkeypatch):
 
 def test_wandb_can_be_switched_off(tmp_path):
     cfg = make_cfg()
-    cfg.logger.wandb.enabled = False
+    cfg.logger.wandb = None
     assert [type(x) for x in build_loggers(cfg, tmp_path)] == [CSVLogger]
 
 

@@ -1,6 +1,7 @@
 """The VQ first stage: CompVis key layout, checkpoint loading round trips, freezing, quantised decode."""
 
 import argparse
+import functools
 import os
 import pickle
 import sys
@@ -173,7 +174,11 @@ def test_decode_quantises_to_nearest_code():
 def test_self_trained_first_stage_exports_a_loadable_checkpoint(tmp_path):
     from sparse_dm.lightning.autoencoder_module import AutoencoderModule
 
-    module = AutoencoderModule(vq=SMALL, optimizer=dict(lr=1e-3, betas=[0.5, 0.9]), commitment_weight=0.25)
+    module = AutoencoderModule(
+        vq=SMALL,
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9)),
+        commitment_weight=0.25,
+    )
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     parts = module.losses(x)
     parts["loss"].backward()

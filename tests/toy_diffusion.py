@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +16,9 @@ from sparse_dm.lightning.diffusion_module import DiffusionBatch, DiffusionModule
 MODULE_KWARGS = {
     "name": "toy",
     "diffusion": {"schedule": "linear", "num_timesteps": 100, "beta_start": 1e-4, "beta_end": 2e-2},
-    "optimizer": {"lr": 1e-2, "weight_decay": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8},
+    "optimizer": functools.partial(
+        torch.optim.AdamW, lr=1e-2, weight_decay=1e-2, betas=(0.9, 0.999), eps=1e-8
+    ),
     "ema": {"decay": 0.9},
     "sampling": {"weights": "ema", "sampler": "ddim", "steps": 5, "eta": 0.0, "num_samples": 4, "seed": 0},
     "validation": {"seed": 0},

@@ -14,7 +14,7 @@ def make_betas(kind: str, num_timesteps: int, beta_start: float, beta_end: float
         return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
     if kind == "sqrt_linear":
         return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
-    raise ValueError(f"diffusion.schedule must be one of {SCHEDULE_KINDS}, got {kind!r}")
+    raise ValueError(f"model.diffusion.schedule={kind!r}; allowed: one of {SCHEDULE_KINDS}")
 
 
 def _gather(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
@@ -34,11 +34,12 @@ class NoiseSchedule(nn.Module):
         beta_end: float = 2e-2,
     ) -> None:
         super().__init__()
-        if num_timesteps < 1:
-            raise ValueError(f"diffusion.num_timesteps must be >= 1, got {num_timesteps}")
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
+            raise ValueError(f"model.diffusion.num_timesteps={num_timesteps!r}; allowed: an integer >= 1")
         if not 0.0 < beta_start <= beta_end < 1.0:
             raise ValueError(
-                f"diffusion betas must satisfy 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}"
+                f"model.diffusion.beta_start={beta_start!r}, beta_end={beta_end!r}; allowed: "
+                "0 < beta_start <= beta_end < 1"
             )
         self.kind = kind
         self.num_timesteps = num_timesteps

@@ -17,17 +17,19 @@ import torch
 from torch import Tensor
 from torchvision.utils import save_image
 
+from sparse_dm.lightning.diffusion_module import OptimizerFactory, factory_config
 from sparse_dm.models.vq_autoencoder import VQModel
 
 
 class AutoencoderModule(L.LightningModule):
     """loss = MSE(x, x_rec) + codebook + commitment_weight * commitment."""
 
-    def __init__(self, vq: dict, optimizer: dict, commitment_weight: float):
+    def __init__(self, vq: dict, optimizer: OptimizerFactory, commitment_weight: float):
         super().__init__()
-        self.save_hyperparameters(logger=False)
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        self.hparams["optimizer"] = factory_config(optimizer)
         self.vq = VQModel(**vq)
-        self.optimizer_cfg = dict(optimizer)
+        self.optimizer_factory = optimizer
         self.commitment_weight = commitment_weight
 
     def losses(self, images: Tensor) -> dict[str, Tensor]:
@@ -51,8 +53,7 @@ class AutoencoderModule(L.LightningModule):
         return parts["loss"]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        cfg = self.optimizer_cfg
-        return torch.optim.Adam(self.vq.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]))
+        return self.optimizer_factory(self.vq.parameters())
 
     @torch.no_grad()
     def save_reconstructions(self, images: Tensor, path: Path) -> Path:

@@ -21,7 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sparse_dm.lightning.diffusion_module import DiffusionBatch, DiffusionModule
+from sparse_dm.lightning.diffusion_module import (
+    DiffusionBatch,
+    DiffusionModule,
+    OptimizerFactory,
+    SchedulerFactory,
+)
 from sparse_dm.metrics.images_for_fid import digest
 from sparse_dm.metrics.sketch_stats import sketch_stats
 from sparse_dm.sketch.rasterise import render_batch, save_grid_png
@@ -40,14 +45,15 @@ class ChiroDiffModule(DiffusionModule):
         name: str,
         net: nn.Module,
         diffusion: dict,
-        optimizer: dict,
+        optimizer: OptimizerFactory,
         ema: dict,
         sampling: dict,
         validation: dict,
         render: dict,
         cost_seq_len: int,
+        lr_scheduler: SchedulerFactory | None = None,
     ) -> None:
-        super().__init__(name, net, diffusion, optimizer, ema, sampling, validation)
+        super().__init__(name, net, diffusion, optimizer, ema, sampling, validation, lr_scheduler)
         self.render_cfg = dict(render)
         self.cost_seq_len = cost_seq_len
         class_embed = getattr(net, "class_embed", None)

@@ -2,14 +2,17 @@
 
 eps-prediction training with a masked MSE, a fixed-seed validation loss (same timesteps and noise
 every time, so runs compare across methods and sparsities) measured with both the EMA and the raw
-training weights, AdamW, a masked EMA, and sample grids written as PNG with the weights chosen by
-`sampling.weights` (ema | raw). Families implement the data representation and
-the denoiser call (see docs/CONTRACTS.md).
+training weights, the optimizer and LR schedule built from config (`model.optimizer`,
+`model.lr_scheduler`: Hydra partials), a masked EMA, and sample grids written as PNG with the weights
+chosen by `sampling.weights` (ema | raw). The bookkeeping around each optimizer step (gradient
+masks, re-masking, EMA, mask updates) is `SparseStep`'s, in its documented order. Families implement
+the data representation and the denoiser call (see docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +24,35 @@ from torch import Tensor, nn
 
 from sparse_dm.diffusion import NoiseSchedule, masked_mse, sample
 from sparse_dm.sparsity.ema import MaskedEMA
+from sparse_dm.sparsity.engine import SparseEngine
+from sparse_dm.sparsity.step import SparseStep
 
 SAMPLING_WEIGHTS = ("ema", "raw")
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+def check_sampling_weights(weights: str) -> None:
+    if weights not in SAMPLING_WEIGHTS:
+        raise ValueError(f"model.sampling.weights={weights!r}; allowed: one of {SAMPLING_WEIGHTS}")
+
+
+def factory_config(factory: Callable[..., Any] | None) -> dict[str, Any] | None:
+    """A Hydra partial as the plain config it came from (`_target_`, `_partial_`, its arguments):
+    hyperparameters stay loadable with torch.load(weights_only=True)."""
+    if factory is None:
+        return None
+    if isinstance(factory, functools.partial):
+        target = factory.func
+        return {
+            "_target_": f"{target.__module__}.{target.__qualname__}",
+            "_partial_": True,
+            **factory.keywords,
+        }
+    return {
+        "_target_": f"{factory.__module__}.{getattr(factory, '__qualname__', type(factory).__qualname__)}"
+    }
 
 
 @dataclass
@@ -44,24 +74,26 @@ class DiffusionModule(L.LightningModule):
         name: str,
         net: nn.Module,
         diffusion: dict,
-        optimizer: dict,
+        optimizer: OptimizerFactory,
         ema: dict,
         sampling: dict,
         validation: dict,
+        lr_scheduler: SchedulerFactory | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"], logger=False)
+        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"], logger=False)
+        self.hparams["optimizer"] = factory_config(optimizer)
+        self.hparams["lr_scheduler"] = factory_config(lr_scheduler)
         self.model_name = name
         self.net = net
         self.schedule = NoiseSchedule(
             diffusion["schedule"], diffusion["num_timesteps"], diffusion["beta_start"], diffusion["beta_end"]
         )
         self.ema = MaskedEMA(net, **ema)
-        if sampling["weights"] not in SAMPLING_WEIGHTS:
-            raise ValueError(
-                f"model.sampling.weights must be one of {SAMPLING_WEIGHTS}, got {sampling['weights']!r}"
-            )
-        self.optimizer_cfg = dict(optimizer)
+        self.sparse_step = SparseStep(net, self.ema)
+        check_sampling_weights(sampling["weights"])
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
         self.sampling_cfg = dict(sampling)
         self.validation_cfg = dict(validation)
         self.output_dir: Path | None = None
@@ -123,11 +155,32 @@ class DiffusionModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Update the EMA right after each real optimizer step, before any callback's
-        on_train_batch_end (so checkpoints saved there hold the EMA of that step)."""
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.net)
+    def attach_engine(self, engine: SparseEngine) -> None:
+        """Train sparse: the engine's masks are on `self.net`; `SparseStep` drives it."""
+        self.sparse_step.engine = engine
+
+    def on_train_start(self) -> None:
+        """Tell the engine the run length (updates stop at method.end_fraction, never on the last step)."""
+        if self.sparse_step.engine is not None:
+            self.sparse_step.engine.set_total_steps(int(self.trainer.estimated_stepping_batches))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients are final here (accumulated, AMP-unscaled) and Lightning clips right after."""
+        self.sparse_step.before_step()
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
+    ) -> None:
+        """One real optimizer step, then `SparseStep.after_step` (re-mask, EMA, maybe explore) before
+        any callback's on_train_batch_end, so checkpoints saved there hold this step's state. An AMP
+        step the grad scaler skipped (overflow) still advances global_step; its scale drops."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        watch = scaler is not None and self.sparse_step.update_due()
+        scale = float(scaler.get_scale()) if watch else None
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        skipped = scale is not None and float(scaler.get_scale()) < scale
+        gather = self.trainer.strategy.all_gather if self.trainer.world_size > 1 else None
+        self.sparse_step.after_step(getattr(optimizer, "optimizer", optimizer), skipped, gather)
 
     def _fixed_noise(self, x0: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
         """Timesteps and noise that depend only on (validation.seed, batch index)."""
@@ -169,12 +222,15 @@ class DiffusionModule(L.LightningModule):
         self.sample_paths.append(str(path))
         return path
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        cfg = self.optimizer_cfg
-        return torch.optim.AdamW(
-            self.net.parameters(),
-            lr=cfg["lr"],
-            weight_decay=cfg["weight_decay"],
-            betas=tuple(cfg["betas"]),
-            eps=cfg["eps"],
-        )
+    def adjust_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hook for families that change the optimizer before the LR schedule sees it."""
+
+    def configure_optimizers(self) -> Any:
+        """`model.optimizer` over the denoiser's parameters; with `model.lr_scheduler`, that schedule
+        stepped once per optimizer step."""
+        optimizer = self.optimizer_factory(self.net.parameters())
+        self.adjust_optimizer(optimizer)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,10 +1,8 @@
-"""DSTCallback: a thin Lightning adapter around SparseEngine.
+"""DSTCallback: the engine's counters in checkpoints and its mask updates in the loggers.
 
-Lightning calls `on_before_optimizer_step` after AMP unscaling and gradient accumulation and before
-gradient clipping, which is exactly where the engine masks gradients (and keeps the dense gradient
-at update steps). `on_train_batch_end` follows the optimizer step; a change of `global_step` tells
-that a step really happened (not just an accumulation micro-batch). An AMP step that the grad
-scaler skipped (overflow) still advances `global_step`; the scaler's scale dropping tells it apart.
+The optimizer step itself (gradient masks, re-masking, EMA, mask updates, in that order) is driven
+by `SparseStep` through the module (`DiffusionModule.attach_engine`); this callback only stores the
+engine's state under the checkpoint key "DSTCallback" and logs each update once it has happened.
 """
 
 from __future__ import annotations
@@ -12,63 +10,38 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 
-from sparse_dm.sparsity.distributed import verify_identical_masks
-from sparse_dm.sparsity.ema import MaskedEMA
 from sparse_dm.sparsity.engine import SparseEngine, UpdateReport
 
 
 class DSTCallback(L.Callback):
-    """Drives a SparseEngine; keeps its counters in checkpoints; logs each mask update.
-
-    Works with any LightningModule. If the module has a MaskedEMA at `.ema` over `.net`, its
-    policy for changed masks (`MaskedEMA.masks_changed`) runs after every mask update.
-    """
+    """Keeps a SparseEngine's counters in checkpoints; logs each mask update (per-layer density,
+    exploration rate, skipped updates) to every logger of the Trainer."""
 
     def __init__(self, engine: SparseEngine, log_layers: bool = True) -> None:
         self.engine = engine
         self.log_layers = log_layers
-        self._last_step: int | None = None
-        self._scale_before_step: float | None = None
+        self._logged_step: int | None = None
 
     @property
     def state_key(self) -> str:
         return "DSTCallback"
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step = trainer.global_step
-        self.engine.set_total_steps(int(trainer.estimated_stepping_batches))
-
-    def on_before_optimizer_step(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        due = self.engine.update_due(self.engine.step + 1)
-        self._scale_before_step = float(scaler.get_scale()) if scaler is not None and due else None
-        self.engine.before_step()
-
-    def _step_was_skipped(self, trainer: L.Trainer) -> bool:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is None or self._scale_before_step is None:
-            return False
-        return float(scaler.get_scale()) < self._scale_before_step
+        step = getattr(pl_module, "sparse_step", None)
+        if step is None or step.engine is not self.engine:
+            raise ValueError(
+                "the module does not drive this engine: call module.attach_engine(engine) "
+                "(a DiffusionModule) before fitting"
+            )
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step == self._last_step:
+        report = self.engine.last_report
+        if report is None or report.step != trainer.global_step or report.step == self._logged_step:
             return
-        self._last_step = trainer.global_step
-        report = self.engine.after_step(trainer.optimizers[0], step_skipped=self._step_was_skipped(trainer))
-        self._scale_before_step = None
-        if report is None:
-            return
-        if trainer.world_size > 1:
-            verify_identical_masks(self.engine.weights, trainer.strategy.all_gather, trainer.global_step)
-        ema = getattr(pl_module, "ema", None)
-        if report.skipped is None and isinstance(ema, MaskedEMA):
-            ema.masks_changed(pl_module.net)
+        self._logged_step = report.step
         self._log_update(trainer, report)
 
     def _log_update(self, trainer: L.Trainer, report: UpdateReport) -> None:

@@ -19,7 +19,12 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import save_image
 
-from sparse_dm.lightning.diffusion_module import DiffusionBatch, DiffusionModule
+from sparse_dm.lightning.diffusion_module import (
+    DiffusionBatch,
+    DiffusionModule,
+    OptimizerFactory,
+    SchedulerFactory,
+)
 from sparse_dm.metrics.images_for_fid import ImageFidSource
 from sparse_dm.models.vq_autoencoder import VQModel, load_first_stage, state_hash
 
@@ -77,15 +82,18 @@ class LatentDiffusionModule(ImageFidSource, DiffusionModule):
         name: str,
         net: nn.Module,
         diffusion: dict,
-        optimizer: dict,
+        optimizer: OptimizerFactory,
         ema: dict,
         sampling: dict,
         validation: dict,
         first_stage: dict,
         latent_shape: list[int],
         conditioning: dict | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
+        scale_lr: bool = False,
     ) -> None:
-        super().__init__(name, net, diffusion, optimizer, ema, sampling, validation)
+        super().__init__(name, net, diffusion, optimizer, ema, sampling, validation, lr_scheduler)
+        self.scale_lr = scale_lr
         self.first_stage_cfg = dict(first_stage)
         self.first_stage = build_first_stage(self.first_stage_cfg)
         self.latent_shape = tuple(latent_shape)
@@ -163,29 +171,25 @@ class LatentDiffusionModule(ImageFidSource, DiffusionModule):
         if self.first_stage_cfg["kind"] == "vq" and hasattr(datamodule, "use_latents"):
             datamodule.use_latents(self.encode_images, self.load_first_stage(), self.device)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW; with ``optimizer.scale_lr`` its lr is CompVis's optimizer.lr x batch x devices x
+    def adjust_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """With ``model.scale_lr`` the lr is CompVis's: model.optimizer.lr x batch x devices x
         accumulation (the config is left unchanged, so a resumed run scales the same way once)."""
-        optimizer = super().configure_optimizers()
-        if self.optimizer_cfg.get("scale_lr", False):
-            datamodule = self.trainer.datamodule
-            if datamodule is None:
-                raise ValueError("optimizer.scale_lr needs the batch size: fit with a datamodule")
-            lr = scaled_lr(
-                float(self.optimizer_cfg["lr"]),
-                int(datamodule.batch_size),
-                int(self.trainer.world_size),
-                int(self.trainer.accumulate_grad_batches),
-            )
-            optimizer.defaults["lr"] = lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            log.info(
-                "optimizer.scale_lr: lr %.3g = %.3g x batch x devices x accumulation",
-                lr,
-                self.optimizer_cfg["lr"],
-            )
-        return optimizer
+        if not self.scale_lr:
+            return
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise ValueError("model.scale_lr needs the batch size: fit with a datamodule")
+        base_lr = float(optimizer.defaults["lr"])
+        lr = scaled_lr(
+            base_lr,
+            int(datamodule.batch_size),
+            int(self.trainer.world_size),
+            int(self.trainer.accumulate_grad_batches),
+        )
+        optimizer.defaults["lr"] = lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        log.info("model.scale_lr: lr %.3g = %.3g x batch x devices x accumulation", lr, base_lr)
 
     # ----- DiffusionModule hooks ------------------------------------------------------------------
     def prepare_batch(self, batch: dict[str, Tensor]) -> DiffusionBatch:

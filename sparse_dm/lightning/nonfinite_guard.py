@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 CONFIG_KEY = "nonfinite.max_consecutive_losses"
 
 
+def check_max_consecutive(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{CONFIG_KEY}={value!r}; allowed: an integer >= 1")
+
+
 class NonFiniteLossError(RuntimeError):
     """Training produced non-finite losses at too many consecutive optimizer steps."""
 
@@ -42,8 +47,7 @@ class NonFiniteLossGuard(L.Callback):
     """
 
     def __init__(self, max_consecutive: int) -> None:
-        if max_consecutive < 1:
-            raise ValueError(f"{CONFIG_KEY}={max_consecutive}; allowed: an integer >= 1")
+        check_max_consecutive(max_consecutive)
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self.skipped_steps = 0

@@ -2,9 +2,9 @@
 
 Run names, groups and tags come from (model, dataset, method, S, p) so W&B dashboards can compare the
 paper's grid directly; the group leaves out the seed so seeds aggregate. S is left out for Dense and p
-for Dense and Static-DM, which do not depend on them. Config keys (conf/logger/default.yaml):
-`logger.csv`, `logger.wandb.{enabled, project, entity, mode, log_model}`; the WANDB_MODE environment
-variable (online / offline / disabled) overrides `logger.wandb.mode`.
+for Dense and Static-DM, which do not depend on them. Every non-null node of `logger` (conf/logger/)
+is built with hydra.utils.instantiate; the WANDB_MODE environment variable (online / offline /
+disabled) overrides `logger.wandb.mode`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -70,34 +71,30 @@ def finish_wandb() -> None:
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
-    """CSV (always, unless logger.csv=false) and W&B (if logger.wandb.enabled) for one job; also
-    installs the console-noise filters, since the loggers are set up before the Trainer prints."""
+    """Every logger configured under `logger` for one job (W&B with the run identity and config,
+    the CSV log at <output_dir>/csv/ with the config as hparams); also installs the console-noise
+    filters, since the loggers are set up before the Trainer prints."""
     loggers: list[Logger] = []
     config = flat_config(cfg)
-    if cfg.logger.csv:
-        csv_logger = CSVLogger(save_dir=str(output_dir), name=CSV_DIR, version="")
-        csv_logger.log_hyperparams(config)
-        loggers.append(csv_logger)
-    wb = cfg.logger.wandb
-    if wb.enabled:
-        finish_wandb()  # a previous job in this process (sequential multirun) must not be reused
-        identity = run_identity(cfg)
-        loggers.append(
-            WandbLogger(
-                name=identity["name"],
-                group=identity["group"],
-                tags=identity["tags"],
-                project=wb.project,
-                entity=wb.entity,
-                save_dir=str(output_dir),
-                mode=wandb_mode(cfg),
-                log_model=wb.log_model,
-                config=config,
+    for node in cfg.logger.values():
+        if node is None:
+            continue
+        kind = get_class(node._target_)
+        if issubclass(kind, WandbLogger):
+            finish_wandb()  # a previous job in this process (sequential multirun) must not be reused
+            # `config` is also instantiate()'s own first parameter: pass it to the partial instead
+            build = instantiate(
+                node, _partial_=True, save_dir=str(output_dir), mode=wandb_mode(cfg), **run_identity(cfg)
             )
-        )
-        # Lightning always sends `anonymous=None`, which W&B reports as a deprecated setting on
-        # every run; leaving the key out is what None means.
-        loggers[-1]._wandb_init.pop("anonymous", None)
+            logger = build(config=config)
+            # Lightning always sends `anonymous=None`, which W&B reports as a deprecated setting on
+            # every run; leaving the key out is what None means.
+            logger._wandb_init.pop("anonymous", None)
+        else:
+            layout = {"name": CSV_DIR, "version": ""} if issubclass(kind, CSVLogger) else {}
+            logger = instantiate(node, save_dir=str(output_dir), **layout)
+            logger.log_hyperparams(config)
+        loggers.append(logger)
     silence_known_noise()
     return loggers
 

@@ -1,7 +1,8 @@
 """Prune and grow criteria: plain score functions of one `ScoreContext`, kept in registries.
 
-A criterion maps the context of one weight at one mask update (its values, dense gradient, mask,
-optimizer state, step, generator) to a score per position; higher means "keep" for pruning and
+A criterion maps the context of one weight at one mask update (its values, dense gradient, the
+engine's running average of dense gradients, mask, optimizer state, step, generator) to a score per
+position; higher means "keep" for pruning and
 "grow first" for growth. A new criterion is one registered function plus one config line
 (`method.prune` / `method.grow` are validated against these registries).
 """
@@ -21,7 +22,10 @@ class ScoreContext:
     """What a criterion may look at for one prunable weight at one mask update.
 
     `grad` is the dense (unmasked) gradient of the update step, kept only for criteria with
-    `needs_grad`; `optimizer_state` is the optimizer's per-parameter state (e.g. AdamW's exp_avg),
+    `needs_grad`; `grad_ema` is an exponential moving average of the dense gradient over every step
+    (beta: `method.grad_ema_beta`), kept only for criteria with `needs_grad_ema`: the optimizer's own
+    moments are zero at inactive positions, since their gradients are masked before each step;
+    `optimizer_state` is the optimizer's per-parameter state (e.g. AdamW's exp_avg),
     None when the engine was given no optimizer or the optimizer has no state for it yet.
     """
 
@@ -31,6 +35,7 @@ class ScoreContext:
     generator: torch.Generator
     grad: Tensor | None = None
     optimizer_state: Mapping[str, Any] | None = None
+    grad_ema: Tensor | None = None
 
 
 ScoreFn = Callable[[ScoreContext], Tensor]
@@ -40,17 +45,20 @@ ScoreFn = Callable[[ScoreContext], Tensor]
 class Criterion:
     score: ScoreFn
     needs_grad: bool
+    needs_grad_ema: bool = False
 
 
 PRUNE_CRITERIA: dict[str, Criterion] = {}
 GROW_CRITERIA: dict[str, Criterion] = {}
 
 
-def register(registry: dict[str, Criterion], name: str, needs_grad: bool = False):
+def register(
+    registry: dict[str, Criterion], name: str, needs_grad: bool = False, needs_grad_ema: bool = False
+):
     """Decorator adding a score function to a criterion registry."""
 
     def wrap(fn: ScoreFn) -> ScoreFn:
-        registry[name] = Criterion(fn, needs_grad)
+        registry[name] = Criterion(fn, needs_grad, needs_grad_ema)
         return fn
 
     return wrap
@@ -58,7 +66,7 @@ def register(registry: dict[str, Criterion], name: str, needs_grad: bool = False
 
 def get(registry: dict[str, Criterion], name: str, key: str) -> Criterion:
     if name not in registry:
-        raise ValueError(f"{key} must be one of {sorted(registry)}, got {name!r}")
+        raise ValueError(f"{key}={name!r}; allowed: one of {sorted(registry)}")
     return registry[name]
 
 
@@ -74,6 +82,15 @@ def gradient(ctx: ScoreContext) -> Tensor:
     if ctx.grad is None:
         raise ValueError("gradient growth needs the dense gradient of the update step")
     return ctx.grad.abs()
+
+
+@register(GROW_CRITERIA, "momentum", needs_grad_ema=True)
+def momentum(ctx: ScoreContext) -> Tensor:
+    """Grow where the running average of the dense gradient is largest (sparse_learning's momentum
+    growth): persistent directions win over one step's noise."""
+    if ctx.grad_ema is None:
+        raise ValueError("momentum growth needs the engine's dense-gradient average")
+    return ctx.grad_ema.abs()
 
 
 @register(GROW_CRITERIA, "random")

@@ -17,16 +17,24 @@ def _score(shape: Sequence[int], kind: str) -> float:
     return (n_out + n_in) / (n_out * n_in)
 
 
+def check_sparsity(sparsity: float) -> None:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity!r}; allowed: a number in [0, 1)")
+
+
+def check_distribution(kind: str) -> None:
+    if kind not in DISTRIBUTIONS:
+        raise ValueError(f"method.distribution={kind!r}; allowed: one of {DISTRIBUTIONS}")
+
+
 def layer_densities(shapes: Sequence[Sequence[int]], sparsity: float, kind: str = "erk") -> list[float]:
     """Target density per layer; their numel-weighted mean is 1 - sparsity.
 
     ER/ERK: density proportional to the layer's score; a layer that would exceed density 1 is made
     dense and removed from the pool, and the scale is solved again until no layer exceeds 1.
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if kind not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {kind!r}")
+    check_sparsity(sparsity)
+    check_distribution(kind)
     numels = [math.prod(s) for s in shapes]
     if kind == "uniform" or sparsity == 0.0:
         return [1.0 - sparsity] * len(shapes)

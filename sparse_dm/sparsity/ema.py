@@ -27,6 +27,18 @@ from sparse_dm.sparsity.masks import MASK_SUFFIX
 MASK_UPDATE_POLICIES = ("resync", "remask")
 
 
+def check_ema_settings(decay: float, warmup: bool = True, on_mask_update: str = "resync") -> None:
+    """The one check of `model.ema.*` (config validation calls it before anything is built)."""
+    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0.0 <= decay < 1.0:
+        raise ValueError(f"model.ema.decay={decay!r}; allowed: a number in [0, 1)")
+    if not isinstance(warmup, bool):
+        raise ValueError(f"model.ema.warmup={warmup!r}; allowed: true or false")
+    if on_mask_update not in MASK_UPDATE_POLICIES:
+        raise ValueError(
+            f"model.ema.on_mask_update={on_mask_update!r}; allowed: one of {MASK_UPDATE_POLICIES}"
+        )
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")
 
@@ -39,12 +51,7 @@ class MaskedEMA(nn.Module):
         self, model: nn.Module, decay: float, warmup: bool = True, on_mask_update: str = "resync"
     ) -> None:
         super().__init__()
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema.decay must be in [0, 1), got {decay}")
-        if on_mask_update not in MASK_UPDATE_POLICIES:
-            raise ValueError(
-                f"ema.on_mask_update must be one of {MASK_UPDATE_POLICIES}, got {on_mask_update!r}"
-            )
+        check_ema_settings(decay, warmup, on_mask_update)
         self.decay = decay
         self.warmup = warmup
         self.on_mask_update = on_mask_update

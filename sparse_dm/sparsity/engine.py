@@ -6,6 +6,9 @@ engine.before_step()            # after AMP unscaling, before clipping
 clip_grad_norm_(model.parameters(), 1.0)
 optimizer.step()
 engine.after_step(optimizer)    # re-mask; every Te steps prune + grow + reset optimizer state
+
+With an EMA of the weights, `sparse_dm.sparsity.step.SparseStep` runs these calls (and the EMA's)
+in the one valid order.
 """
 
 from __future__ import annotations
@@ -95,7 +98,12 @@ class SparseEngine:
         seed: int = 0,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
+        grad_ema_beta: float = 0.9,
+        name: str = "sparse",
     ) -> None:
+        if not 0.0 <= grad_ema_beta < 1.0:
+            raise ValueError(f"method.grad_ema_beta={grad_ema_beta!r}; allowed: a number in [0, 1)")
+        self.name = name
         self.weights: list[PrunableWeight] = find_prunable(model, include, exclude)
         self.prune = criteria.get(criteria.PRUNE_CRITERIA, prune, "method.prune")
         self.grow = criteria.get(criteria.GROW_CRITERIA, grow, "method.grow") if grow else None
@@ -128,6 +136,15 @@ class SparseEngine:
         self.ever_active: list[Tensor] = [m.clone() for m in masks]
         self._dense_grads: list[Tensor | None] | None = None
         self._nonfinite_grads = False
+        self._missing_grads = False
+        self.grad_ema_beta = grad_ema_beta
+        needs_average = self.grow is not None and self.grow.needs_grad_ema
+        self.grad_ema: list[Tensor] | None = (
+            [torch.zeros_like(w.param, memory_format=torch.contiguous_format) for w in self.weights]
+            if needs_average
+            else None
+        )
+        self.last_report: UpdateReport | None = None
 
     @property
     def dynamic(self) -> bool:
@@ -142,12 +159,31 @@ class SparseEngine:
         self.schedule = replace(self.schedule, total_steps=int(total_steps))
 
     @torch.no_grad()
+    def _update_grad_ema(self) -> None:
+        """m <- beta m + (1 - beta) g from the dense gradient, every step; a step without gradients
+        (dropped by the non-finite guard) or with non-finite ones (AMP overflow: the optimizer
+        skips it too) leaves the average unchanged."""
+        assert self.grad_ema is not None
+        grads = [w.param.grad for w in self.weights]
+        if any(g is None for g in grads):
+            return
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return
+        for average, grad in zip(self.grad_ema, grads, strict=True):
+            average.lerp_(grad, 1.0 - self.grad_ema_beta)
+
+    @torch.no_grad()
     def before_step(self) -> None:
-        """Call when gradients are final (unscaled, accumulated) and before clipping/step. At an
-        update step the dense gradient is kept first, for gradient-based growth, and checked for
-        non-finite values (an AMP overflow step: the scaler skips it, the update must too)."""
+        """Call when gradients are final (unscaled, accumulated) and before clipping/step. The
+        dense gradient first feeds the gradient average (criteria with `needs_grad_ema`); at an
+        update step it is kept, for gradient-based growth, and checked for non-finite values (an
+        AMP overflow step: the scaler skips it, the update must too) or absence (a step dropped by
+        the non-finite loss guard); then the gradients of inactive weights are zeroed."""
+        if self.grad_ema is not None:
+            self._update_grad_ema()
         if self.update_due(self.step + 1):
             grads = [w.param.grad for w in self.weights if w.param.grad is not None]
+            self._missing_grads = not grads
             self._nonfinite_grads = bool(grads) and not bool(
                 torch.stack([torch.isfinite(g).all() for g in grads]).all()
             )
@@ -160,6 +196,8 @@ class SparseEngine:
     def _skip_reason(self, step_skipped: bool) -> str | None:
         if step_skipped:
             return "optimizer step skipped"
+        if self._missing_grads:
+            return "no gradient (step dropped)"
         if self._nonfinite_grads:
             return "non-finite gradient"
         if not all(bool(torch.isfinite(w.param).all()) for w in self.weights):
@@ -170,28 +208,51 @@ class SparseEngine:
     def after_step(
         self, optimizer: torch.optim.Optimizer | None = None, step_skipped: bool = False
     ) -> UpdateReport | None:
-        """Call right after `optimizer.step()`. Re-masks weights; on update steps explores and
-        resets the optimizer state of every changed position. A due update is skipped (counted,
-        reported) when the step was skipped or a gradient or weight is non-finite: growth scores
-        would be meaningless and a layer could be pruned without being regrown."""
+        """Call right after `optimizer.step()`: `remask()` then `explore_if_due()`."""
+        self.remask()
+        return self.explore_if_due(optimizer, step_skipped)
+
+    @torch.no_grad()
+    def remask(self) -> None:
+        """Count the optimizer step just taken and zero the inactive weights (exact counts)."""
         self.step += 1
         apply_masks(self.weights)
+
+    @torch.no_grad()
+    def explore_if_due(
+        self, optimizer: torch.optim.Optimizer | None = None, step_skipped: bool = False
+    ) -> UpdateReport | None:
+        """On update steps (after `remask`) explore and reset the optimizer state of every changed
+        position. A due update is skipped (counted, reported) when the step was skipped or a
+        gradient or weight is non-finite: growth scores would be meaningless and a layer could be
+        pruned without being regrown."""
         if not self.update_due(self.step):
             return None
         assert self.grow is not None
         drop = self.schedule.drop_fraction(self.step)
         reason = self._skip_reason(step_skipped)
-        self._nonfinite_grads = False
+        self._nonfinite_grads = self._missing_grads = False
         if reason is not None:
             self._dense_grads = None
             self.skipped_updates += 1
-            log.warning("mask update at step %d skipped: %s", self.step, reason)
-            return UpdateReport(self.step, self.num_updates, drop, [], self.exploration_rate(), reason)
+            log.warning("%s mask update at step %d skipped: %s", self.name, self.step, reason)
+            self.last_report = UpdateReport(
+                self.step, self.num_updates, drop, [], self.exploration_rate(), reason
+            )
+            return self.last_report
         if self.grow.needs_grad and self._dense_grads is None:
             raise RuntimeError("gradient growth needs before_step() to run before the optimizer step")
         generator = update_generator(self.seed, self.num_updates)
         updates, changed = explore(
-            self.weights, drop, self.prune, self.grow, generator, self._dense_grads, optimizer, self.step
+            self.weights,
+            drop,
+            self.prune,
+            self.grow,
+            generator,
+            self._dense_grads,
+            optimizer,
+            self.step,
+            self.grad_ema,
         )
         self._dense_grads = None
         if optimizer is not None:
@@ -199,7 +260,10 @@ class SparseEngine:
         for seen, weight in zip(self.ever_active, self.weights, strict=True):
             seen |= weight.mask.to(seen.device)
         self.num_updates += 1
-        return UpdateReport(self.step, self.num_updates - 1, drop, updates, self.exploration_rate())
+        self.last_report = UpdateReport(
+            self.step, self.num_updates - 1, drop, updates, self.exploration_rate()
+        )
+        return self.last_report
 
     def exploration_rate(self) -> float:
         """Fraction of prunable weights that were active at any point so far."""
@@ -222,13 +286,17 @@ class SparseEngine:
         ]
 
     def state_dict(self) -> dict:
-        """Counters and the exploration history; masks themselves live in the model's state_dict."""
-        return {
+        """Counters, the exploration history and the gradient average (when a criterion uses it);
+        masks themselves live in the model's state_dict."""
+        state = {
             "step": self.step,
             "num_updates": self.num_updates,
             "skipped_updates": self.skipped_updates,
             "ever_active": [m.cpu() for m in self.ever_active],
         }
+        if self.grad_ema is not None:
+            state["grad_ema"] = [m.cpu() for m in self.grad_ema]
+        return state
 
     def check_masks(self) -> None:
         """Fail loudly if the masks on the model (e.g. just loaded from a checkpoint) do not hold the
@@ -248,3 +316,11 @@ class SparseEngine:
         self.num_updates = int(state["num_updates"])
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.ever_active = [m.clone().to(torch.bool) for m in state["ever_active"]]
+        if self.grad_ema is not None:
+            if "grad_ema" not in state:
+                raise ValueError(
+                    "this method's growth criterion needs the dense-gradient average, which the "
+                    "checkpoint does not hold; resume with the run's own method.grow"
+                )
+            for average, saved in zip(self.grad_ema, state["grad_ema"], strict=True):
+                average.copy_(saved)

@@ -36,6 +36,7 @@ def explore(
     dense_grads: Sequence[Tensor | None] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     step: int = 0,
+    grad_emas: Sequence[Tensor] | None = None,
 ) -> tuple[list[LayerUpdate], list[Tensor]]:
     """Replace floor(drop_fraction * active) weights per layer; returns per-layer counts and the
     bool masks of changed positions (pruned or grown). Raises if a layer would lose more weights
@@ -47,15 +48,16 @@ def explore(
     weight's optimizer state as it was after the step, before this update resets it.
     """
     grads = list(dense_grads) if dense_grads is not None else [None] * len(weights)
+    averages = list(grad_emas) if grad_emas is not None else [None] * len(weights)
     updates: list[LayerUpdate] = []
     changed: list[Tensor] = []
-    for weight, grad in zip(weights, grads, strict=True):
+    for weight, grad, average in zip(weights, grads, averages, strict=True):
         mask = weight.mask
         active = int(mask.sum())
         inactive = mask.numel() - active
         k = min(math.floor(drop_fraction * active), inactive)
         state = optimizer.state.get(weight.param) if optimizer is not None else None
-        context = ScoreContext(weight.param, mask, step, generator, grad, state or None)
+        context = ScoreContext(weight.param, mask, step, generator, grad, state or None, average)
         keep = top_k_mask(prune.score(context), mask, active - k)
         grow_scores = grow.score(context)
         grown = top_k_mask(grow_scores, ~mask, k)

@@ -80,6 +80,11 @@ def forward_flops(weight_uses: list[WeightUse], active: Mapping[str, int] | None
     return float(sum(FLOPS_PER_MAC * active.get(w.name, w.numel) * w.uses for w in weight_uses))
 
 
+def check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"cost.convention={convention!r}; allowed: one of {CONVENTIONS}")
+
+
 def cost_summary(
     net: nn.Module,
     weight_uses: list[WeightUse],
@@ -91,19 +96,23 @@ def cost_summary(
     dense_grad_updates: bool,
     convention: str = "paper",
     update_window: float = 1.0,
+    dense_grad_every_step: bool = False,
 ) -> dict:
     """The cost figures of summary.json / cost.json.
 
     train = 3 x forward x steps (paper); RigL adds its dense gradient at each update step:
     (3 f_S Te + 2 f_S + f_D) / (Te + 1) per step while updates happen (`update_window`: the fraction
-    of training before the last update), 3 f_S after. `per_sample` multiplies by the batch (RigL papers).
+    of training before the last update), 3 f_S after. A criterion that averages the dense gradient
+    (momentum growth) needs it at every step: 2 f_S + f_D while updates happen. `per_sample`
+    multiplies by the batch (RigL papers).
     `train_steps=None` (unknown training-set size) leaves the absolute train FLOPs null.
     """
-    if convention not in CONVENTIONS:
-        raise ValueError(f"cost.convention must be one of {CONVENTIONS}, got {convention!r}")
+    check_convention(convention)
     f_dense = forward_flops(weight_uses)
     f_sparse = forward_flops(weight_uses, active)
-    if dense_grad_updates and update_interval:
+    if dense_grad_every_step:
+        per_step = update_window * (2 * f_sparse + f_dense) + (1.0 - update_window) * 3 * f_sparse
+    elif dense_grad_updates and update_interval:
         te = update_interval
         updating = (3 * f_sparse * te + 2 * f_sparse + f_dense) / (te + 1)
         per_step = update_window * updating + (1.0 - update_window) * 3 * f_sparse

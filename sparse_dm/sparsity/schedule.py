@@ -8,6 +8,14 @@ from dataclasses import dataclass
 SCHEDULES = ("constant", "cosine")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class UpdateSchedule:
     """Mask updates every `interval` optimizer steps (the paper's Te), replacing `prune_rate` (p) of
@@ -26,19 +34,25 @@ class UpdateSchedule:
     total_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if self.interval < 1:
-            raise ValueError(f"update_interval must be >= 1, got {self.interval}")
-        if not 0.0 <= self.prune_rate <= 1.0:
-            raise ValueError(f"prune_rate must be in [0, 1], got {self.prune_rate}")
+        """The one check of these keys (config validation builds a schedule to run it early)."""
+        if not _is_int(self.interval) or self.interval < 1:
+            raise ValueError(f"update_interval={self.interval!r}; allowed: an integer >= 1")
+        if not _is_number(self.prune_rate) or not 0.0 < self.prune_rate <= 1.0:
+            raise ValueError(f"prune_rate={self.prune_rate!r}; allowed: a number in (0, 1]")
         if self.kind not in SCHEDULES:
-            raise ValueError(f"method.schedule must be one of {SCHEDULES}, got {self.kind!r}")
-        if self.end_step is not None and self.end_step < 1:
-            raise ValueError(f"method.end_step must be null or >= 1, got {self.end_step}")
-        if self.end_fraction is not None and not 0.0 < self.end_fraction <= 1.0:
-            raise ValueError(f"method.end_fraction must be null or in (0, 1], got {self.end_fraction}")
+            raise ValueError(f"method.schedule={self.kind!r}; allowed: one of {SCHEDULES}")
+        if self.end_step is not None and (not _is_int(self.end_step) or self.end_step < 1):
+            raise ValueError(f"method.end_step={self.end_step!r}; allowed: null or an integer >= 1")
+        if self.end_fraction is not None and (
+            not _is_number(self.end_fraction) or not 0.0 < self.end_fraction <= 1.0
+        ):
+            raise ValueError(
+                f"method.end_fraction={self.end_fraction!r}; allowed: null or a number in (0, 1]"
+            )
         if self.kind == "cosine" and self.end_step is None and self.end_fraction is None:
             raise ValueError(
-                "the cosine schedule decays to 0 at the stop step: set method.end_fraction or end_step"
+                "method.schedule=cosine decays to 0 at the last update; allowed: set method.end_fraction "
+                "(e.g. 0.75) or method.end_step"
             )
 
     @property
