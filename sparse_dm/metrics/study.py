@@ -113,7 +113,9 @@ def arm_rows(
 def data_sketch(groups: Sequence[Group], sketch_keys: Sequence[str]) -> dict[str, SeedStats]:
     """The reference drawings' sketch statistics, over every run that recorded them."""
     runs = [s for g in groups for s in g.runs.values()]
-    return {k: SeedStats.of([v for s in runs if (v := _sketch(s, "data", k)) is not None]) for k in sketch_keys}
+    return {
+        k: SeedStats.of([v for s in runs if (v := _sketch(s, "data", k)) is not None]) for k in sketch_keys
+    }
 
 
 # ----- learning curves --------------------------------------------------------------------------------

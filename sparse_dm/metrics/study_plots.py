@@ -170,10 +170,12 @@ def plot_p_comparison(rows: Sequence[ArmRow], sparsity: float, metric: str, path
                 xs.append(i + (j - (len(rates) - 1) / 2) * width)
                 ms.append(hit[0].primary.mean)
                 sds.append(_sd(hit[0].primary))
-        ax.errorbar(xs, ms, yerr=sds, marker=markers[j % len(markers)], linestyle="none", capsize=4, label=f"p = {p:g}")
+        marker = markers[j % len(markers)]
+        ax.errorbar(xs, ms, yerr=sds, marker=marker, linestyle="none", capsize=4, label=f"p = {p:g}")
     static = next((r for r in at_s if r.group.method == "static"), None)
     if static is not None:
-        ax.axhline(static.primary.mean, color=_style("static")[0], linestyle=":", label=f"Static-DM, S = {sparsity:g}")
+        label = f"Static-DM, S = {sparsity:g}"
+        ax.axhline(static.primary.mean, color=_style("static")[0], linestyle=":", label=label)
     _dense_band(ax, _dense_row(rows))
     ax.set_xticks(range(len(methods)), [METHOD_LABELS.get(m, m) for m in methods])
     title = f"Prune rate p at S = {sparsity:g} (mean ± SD over seeds)"

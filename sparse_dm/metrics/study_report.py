@@ -20,6 +20,7 @@ from sparse_dm.metrics.seed_stats import SeedStats
 from sparse_dm.metrics.study import (
     SKETCH_KEYS,
     ArmRow,
+    Curve,
     SweepRecord,
     arm_curve,
     arm_rows,
@@ -240,7 +241,9 @@ def _csv(rows: list[ArmRow], opts: StudyOptions, path: Path) -> None:
 
 def _sample_panels(rows: list[ArmRow], opts: StudyOptions) -> list[tuple[str, Path | None]]:
     """Dense and every arm at grid_sparsity: that arm's grid_seed run's final sample grid."""
-    chosen = [r for r in rows if r.group.method == "dense" or math.isclose(r.group.sparsity, opts.grid_sparsity)]
+    chosen = [
+        r for r in rows if r.group.method == "dense" or math.isclose(r.group.sparsity, opts.grid_sparsity)
+    ]
     panels = []
     for r in chosen:
         run = r.group.runs.get(opts.grid_seed)
@@ -251,6 +254,35 @@ def _sample_panels(rows: list[ArmRow], opts: StudyOptions) -> list[tuple[str, Pa
         note = f"seed {opts.grid_seed}, {png.stem}" if png else f"seed {opts.grid_seed}: no samples"
         panels.append((f"{r.label}\n{note}", png))
     return panels
+
+
+def _figures(
+    rows: list[ArmRow], curves: list[tuple[ArmRow, Curve]], opts: StudyOptions, plot_dir: Path
+) -> list[tuple[str, Path | None]]:
+    """The four study figures as (title, path); the p comparison is None when it has nothing to show."""
+    s = f"{opts.grid_sparsity:g}"
+    return [
+        (
+            "Validation loss vs sparsity",
+            plot_loss_vs_sparsity(
+                rows, opts.main_prune_rate, opts.primary, plot_dir / "loss_vs_sparsity.png"
+            ),
+        ),
+        (
+            "Learning curves",
+            plot_learning_curves(
+                curves, opts.main_prune_rate, METRICS[opts.primary], plot_dir / "learning_curves.png"
+            ),
+        ),
+        (
+            f"Prune rate p at S = {s}",
+            plot_p_comparison(rows, opts.grid_sparsity, opts.primary, plot_dir / "prune_rate.png"),
+        ),
+        (
+            f"Samples at S = {s} (and dense)",
+            plot_sample_grids(_sample_panels(rows, opts), plot_dir / "samples.png"),
+        ),
+    ]
 
 
 def _figure(title: str, path: Path | None, out: Path) -> list[str]:
@@ -278,13 +310,12 @@ def make_study_report(dirs: list[Path], out: Path, opts: StudyOptions, command: 
     plot_dir.mkdir(parents=True, exist_ok=True)
     scored = [r for r in rows if r.primary.n]
     curves = [(r, arm_curve(r.group, METRIC_KEYS[opts.primary])) for r in scored]
-    figures = [
-        ("Validation loss vs sparsity", plot_loss_vs_sparsity(rows, opts.main_prune_rate, opts.primary, plot_dir / "loss_vs_sparsity.png")),
-        ("Learning curves", plot_learning_curves(curves, opts.main_prune_rate, METRICS[opts.primary], plot_dir / "learning_curves.png")),
-        (f"Prune rate p at S = {opts.grid_sparsity:g}", plot_p_comparison(rows, opts.grid_sparsity, opts.primary, plot_dir / "prune_rate.png")),
-        (f"Samples at S = {opts.grid_sparsity:g} (and dense)", plot_sample_grids(_sample_panels(rows, opts), plot_dir / "samples.png")),
-    ]  # fmt: skip
-    dropped = [f"{r.label}: {c.dropped_steps} logged steps lack a seed; curve uses the rest" for r, c in curves if c.dropped_steps]
+    figures = _figures(rows, curves, opts, plot_dir)
+    dropped = [
+        f"{r.label}: {c.dropped_steps} logged steps lack a seed; curve uses the rest"
+        for r, c in curves
+        if c.dropped_steps
+    ]
     lines = _header(summaries, records, command, groups)
     if not has_dense:
         lines += ["> No dense reference: no dense run has the primary metric; no differences to dense.", ""]
@@ -292,8 +323,8 @@ def make_study_report(dirs: list[Path], out: Path, opts: StudyOptions, command: 
     lines += [
         "## Validation loss per arm",
         "",
-        f"Primary metric: {METRICS[opts.primary]} (summary `{METRIC_KEYS[opts.primary]}`, fixed timesteps and "
-        "noise, at the last step; lower is better), mean ± sample SD over seeds. Δ is arm − dense with "
+        f"Primary metric: {METRICS[opts.primary]} (summary `{METRIC_KEYS[opts.primary]}`, fixed timesteps "
+        "and noise, at the last step; lower is better), mean ± sample SD over seeds. Δ is arm − dense with "
         f"Welch's {opts.confidence:.0%} t-interval (unequal variances); the gap is Δ in dense seed SDs.",
         "",
         *_loss_table(rows, opts, has_dense),
@@ -314,4 +345,3 @@ def make_study_report(dirs: list[Path], out: Path, opts: StudyOptions, command: 
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
-
