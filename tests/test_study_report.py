@@ -51,9 +51,13 @@ MULTIRUN = {
         "mode": "MULTIRUN",
         "overrides": {
             "hydra": ["hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", "hydra.mode=MULTIRUN"],
-            "task": ["num_threads=1"],
+            "task": ["num_threads=1", "seed=0,1,2"],
         },
         "job": {"name": "train", "config_name": "study_kanjivg_cpu"},
+        "sweeper": {
+            "_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+            "params": {"study_arm": "a,b,c,d,e,f", "seed": "0,1"},  # the command line sets seed=0,1,2
+        },
         "runtime": {
             "cwd": "/repo",
             "config_sources": [
@@ -65,7 +69,7 @@ MULTIRUN = {
 }
 SWEEP_COMMAND = (
     "python -m sparse_dm.train -m --config-dir multirun_sweeps --config-name study_kanjivg_cpu "
-    "hydra/launcher=local_parallel hydra.launcher.n_jobs=2 num_threads=1"
+    "hydra/launcher=local_parallel hydra.launcher.n_jobs=2 num_threads=1 seed=0,1,2"
 )
 T0 = 1_800_000_000.0  # job start times (file mtimes) of the synthetic runs
 WALL = 300.0  # each run's wall_time_s; two jobs at a time: starts T0 + WALL * (run index // 2)
@@ -248,6 +252,7 @@ def test_missing_seeds_render_with_their_n(tmp_path):
     one = table_row(text, "MagRan-DM, S = 0.5, p = 0.5")
     assert one[1:4] == ["1", "0.9800 ± n/a (1 seed)", "0.9300 ± n/a (1 seed)"]
     assert one[5] == "none: n = 1 vs 3: an SD, and so an interval, needs 2 seeds each" and one[6] == "n/a"
+    assert "15 finished of 18 planned runs" in text
 
 
 # ----- learning curves --------------------------------------------------------------------------------
@@ -329,7 +334,7 @@ def test_sweep_command_and_wall_time(tmp_path):
     write_sweep(tmp_path / "sweep")
     (record,) = sweep_records(load_summaries([tmp_path / "sweep"]))
     runs = len(RAW) * len(SEEDS)
-    assert record.command == SWEEP_COMMAND and record.runs == runs
+    assert record.command == SWEEP_COMMAND and record.runs == runs and record.planned == 6 * 3
     # pairs run back to back: the last pair ends WALL * runs / 2 after the first start
     assert record.wall_s == pytest.approx(WALL * runs / 2)
     assert record.job_seconds == pytest.approx(WALL * runs)
@@ -381,7 +386,10 @@ def test_cli_renders_the_study_with_its_commands(tmp_path):
     ]
     assert f"- Training steps: {STEPS}" in text and f"- Mask update interval Te: {TE} steps" in text
     assert "- Seeds: 0, 1, 2" in text
-    assert "18 runs; wall time 45.0 min from the first job's start to the last job's end" in text
+    assert (
+        "18 finished of 18 planned runs; wall time 45.0 min from the first job's start to the last job's end"
+        in text
+    )
     assert "(summed run time 90.0 min, 2.00 jobs in parallel on average)" in text
     links = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
     assert links == [

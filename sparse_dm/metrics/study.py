@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm.metrics.seed_stats import Difference, SeedStats, welch_difference
 from sparse_dm.metrics.tables import METHOD_LABELS, Group, _method_rank, metric_value
@@ -26,6 +27,7 @@ CURVES_FILE = Path("csv") / "metrics.csv"
 MULTIRUN_FILE = "multirun.yaml"
 JOB_START_FILE = Path(".hydra") / "hydra.yaml"  # Hydra writes it as the job begins
 MODULE_PREFIX = "sparse_dm."  # the CLIs are `python -m sparse_dm.<hydra job name>`
+BASIC_SWEEPER = "BasicSweeper"  # the sweeper whose params are choice lists we can count
 
 
 def arm_label(g: Group) -> str:
@@ -158,9 +160,8 @@ def sweep_root(run_dir: Path) -> Path | None:
     return next((p for p in run_dir.parents if (p / MULTIRUN_FILE).is_file()), None)
 
 
-def sweep_command(multirun_yaml: Path) -> str:
+def sweep_command(hydra: DictConfig) -> str:
     """The command line that started a Hydra multirun, rebuilt from what Hydra recorded in it."""
-    hydra = OmegaConf.load(multirun_yaml).hydra
     cwd = Path(hydra.runtime.cwd)
     args = [f"python -m {MODULE_PREFIX}{hydra.job.name}"]
     hydra_overrides = list(hydra.overrides.hydra)
@@ -176,6 +177,18 @@ def sweep_command(multirun_yaml: Path) -> str:
     return " ".join(args)
 
 
+def planned_runs(hydra: DictConfig) -> int | None:
+    """How many jobs the multirun launched: the product of its sweep sizes (the config's
+    hydra.sweeper.params, overridden per key by the command line). None for other sweepers."""
+    sweeper = hydra.get("sweeper") or {}
+    if not str(sweeper.get("_target_", "")).endswith(BASIC_SWEEPER):
+        return None
+    params = {str(k): f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()}
+    overrides = OverridesParser.create().parse_overrides([*params.values(), *hydra.overrides.task])
+    sizes = {o.key_or_group: len(list(o.sweep_iterator())) if o.is_sweep_override() else 1 for o in overrides}
+    return math.prod(sizes.values())
+
+
 @dataclass(frozen=True)
 class SweepRecord:
     """One sweep folder: its command, its runs, and its wall time.
@@ -188,6 +201,7 @@ class SweepRecord:
     root: Path | None
     command: str | None
     runs: int
+    planned: int | None  # jobs the sweep launched (None: not countable); runs counts finished ones
     wall_s: float | None
     job_seconds: float
     missing_start: int  # runs without .hydra/hydra.yaml: no wall time when any lacks it
@@ -206,9 +220,11 @@ def sweep_records(summaries: Sequence[dict[str, Any]]) -> list[SweepRecord]:
         ]
         missing = len(runs) - len(starts)
         wall = None if missing or not starts else max(a + w for a, w in starts) - min(a for a, _ in starts)
-        command = sweep_command(root / MULTIRUN_FILE) if root is not None else None
+        hydra = OmegaConf.load(root / MULTIRUN_FILE).hydra if root is not None else None
+        command = sweep_command(hydra) if hydra is not None else None
+        planned = planned_runs(hydra) if hydra is not None else None
         job_seconds = math.fsum(float(s["wall_time_s"]) for s in runs)
-        records.append(SweepRecord(root, command, len(runs), wall, job_seconds, missing))
+        records.append(SweepRecord(root, command, len(runs), planned, wall, job_seconds, missing))
     return records
 
 

@@ -129,7 +129,8 @@ def _sweep_lines(record: SweepRecord) -> list[str]:
             f"(summed run time {_minutes(record.job_seconds)}, "
             f"{record.job_seconds / record.wall_s:.2f} jobs in parallel on average)"
         )
-    return [f"  - `{where}`: {record.runs} runs; wall time {wall}"]
+    planned = "an uncounted number of" if record.planned is None else str(record.planned)
+    return [f"  - `{where}`: {record.runs} finished of {planned} planned runs; wall time {wall}"]
 
 
 # ----- report -----------------------------------------------------------------------------------------
