@@ -178,6 +178,7 @@ def plot_p_comparison(rows: Sequence[ArmRow], sparsity: float, metric: str, path
         ax.axhline(static.primary.mean, color=_style("static")[0], linestyle=":", label=label)
     _dense_band(ax, _dense_row(rows))
     ax.set_xticks(range(len(methods)), [METHOD_LABELS.get(m, m) for m in methods])
+    ax.set_xlim(-0.5, len(methods) - 0.5)
     title = f"Prune rate p at S = {sparsity:g} (mean ± SD over seeds)"
     return _finish(ax, fig, title, "method", METRICS[metric], path)
 
