@@ -401,3 +401,15 @@ def test_cli_renders_the_study_with_its_commands(tmp_path):
     for link in links:
         assert_real_png(tmp_path / "docs" / link)
     assert len(list(csv.DictReader((tmp_path / "docs" / "report.csv").open()))) == len(RAW)
+
+
+def test_runs_outside_a_multirun_say_what_was_not_recorded(tmp_path):
+    for seed in SEEDS[:2]:
+        write_run(tmp_path / "runs", "dense", 0.0, 0.5, seed, RAW[("dense", 0.0, 0.5)][seed])
+    text = make_study_report([tmp_path / "runs"], tmp_path / "out", options()).read_text()
+    header = text.split("```sh\n")[1].split("```")[0].splitlines()
+    assert header == [
+        "(not recorded: some runs have no multirun.yaml above them)",
+        "(not recorded: the report was not made from the command line)",
+    ]
+    assert "2 finished of an uncounted number of planned runs; wall time not measured (2 of 2 runs" in text

@@ -92,12 +92,12 @@ def _signed(x: float, digits: int) -> str:
     return f"{x:+.{digits}f}"
 
 
-def _difference_cells(row: ArmRow, has_dense: bool) -> list[str]:
+def _difference_cells(row: ArmRow) -> list[str]:
     """Δ, interval, whether it excludes 0, and the gap in dense SDs."""
     if row.group.method == "dense":
         return ["reference", "", "", ""]
     d = row.vs_dense
-    if not has_dense or d is None:
+    if d is None:
         return ["no dense reference", "", "", ""]
     if d.low is None or d.high is None:
         interval, excludes = f"none: {d.reason}", "n/a"
@@ -137,7 +137,7 @@ def _sweep_lines(record: SweepRecord) -> list[str]:
 def _header(
     summaries: list[dict[str, Any]], records: list[SweepRecord], command: str | None, groups: list[Group]
 ) -> list[str]:
-    commands = [r.command or f"(not recorded: no multirun.yaml above {r.root})" for r in records]
+    commands = [r.command or "(not recorded: some runs have no multirun.yaml above them)" for r in records]
     report_cmd = command or "(not recorded: the report was not made from the command line)"
     model, dataset = groups[0].model, groups[0].dataset
     seeds = sorted({int(s["seed"]) for s in summaries})
@@ -163,7 +163,7 @@ def _header(
     return lines
 
 
-def _loss_table(rows: list[ArmRow], opts: StudyOptions, has_dense: bool) -> list[str]:
+def _loss_table(rows: list[ArmRow], opts: StudyOptions) -> list[str]:
     level = f"{opts.confidence:.0%}"
     lines = [
         f"| Arm | n | {METRICS[opts.primary]} ± SD | {METRICS[opts.secondary]} ± SD | Δ vs dense | "
@@ -176,7 +176,7 @@ def _loss_table(rows: list[ArmRow], opts: StudyOptions, has_dense: bool) -> list
             str(r.primary.n),
             _stat(r.primary, LOSS_DIGITS),
             _stat(r.secondary, LOSS_DIGITS),
-            *_difference_cells(r, has_dense),
+            *_difference_cells(r),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -328,7 +328,7 @@ def make_study_report(dirs: list[Path], out: Path, opts: StudyOptions, command: 
         "and noise, at the last step; lower is better), mean ± sample SD over seeds. Δ is arm − dense with "
         f"Welch's {opts.confidence:.0%} t-interval (unequal variances); the gap is Δ in dense seed SDs.",
         "",
-        *_loss_table(rows, opts, has_dense),
+        *_loss_table(rows, opts),
         "",
         "## Samples and sparse-training statistics per arm",
         "",
