@@ -114,6 +114,10 @@ def _distinct(values: Sequence[Any]) -> str:
     return text if len(unique) == 1 else f"{text} (differs between runs)"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / SECONDS_PER_MINUTE:.1f} min"
 
@@ -151,7 +155,7 @@ def _header(
         report_cmd,
         "```",
         "",
-        f"- Model / dataset: {model} / {dataset}; {len(summaries)} runs in {len(groups)} arms",
+        f"- Model / dataset: {model} / {dataset}; {_count(len(summaries), 'run')} in {_count(len(groups), 'arm')}",
         f"- Training steps: {_distinct([int(s['train_steps']) for s in summaries])}",
         f"- Mask update interval Te: {_distinct([int(s['update_interval']) for s in summaries])} steps",
         f"- Seeds: {', '.join(map(str, seeds))}",
