@@ -155,7 +155,8 @@ def _header(
         report_cmd,
         "```",
         "",
-        f"- Model / dataset: {model} / {dataset}; {_count(len(summaries), 'run')} in {_count(len(groups), 'arm')}",
+        f"- Model / dataset: {model} / {dataset}; "
+        f"{_count(len(summaries), 'run')} in {_count(len(groups), 'arm')}",
         f"- Training steps: {_distinct([int(s['train_steps']) for s in summaries])}",
         f"- Mask update interval Te: {_distinct([int(s['update_interval']) for s in summaries])} steps",
         f"- Seeds: {', '.join(map(str, seeds))}",
