@@ -24,7 +24,7 @@ from sparse_dm.metrics.tables import METHOD_LABELS, METRICS
 P_OFFSET = 0.012  # x shift of other-p markers so they do not hide the main-p point at the same S
 OTHER_P_LINE = ":"
 GRID_COLUMNS = 3
-GRID_PANEL_INCHES = 3.0
+GRID_PANEL_INCHES = 4.0
 
 
 def _sd(s: SeedStats) -> float:
