@@ -123,6 +123,7 @@ def plot_learning_curves(
             ax.plot(curve.steps, mean, color=color, linestyle=line, label=f"{label} (n = {row.primary.n})")
             ax.fill_between(curve.steps, mean - sd, mean + sd, color=color, alpha=BAND_ALPHA)
         ax.set_title(f"S = {level:g}", fontsize="medium")
+        ax.set_yscale("log")  # the untrained step-0 loss would otherwise flatten the gaps that matter
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=BAND_ALPHA)
