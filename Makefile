@@ -1,7 +1,7 @@
 # sparse_dm — common tasks. PYTHON defaults to the project venv created by `make install`.
 PYTHON ?= .venv/bin/python
 
-.PHONY: install test lint train cost bench sweep-demo report clean
+.PHONY: install test lint train cost bench sweep-demo study report clean
 
 install:  ## create .venv and install sparse_dm with dev extras
 	python3 -m venv .venv
@@ -25,6 +25,11 @@ sweep-demo:  ## the CPU demo grid (static/rigl/magran x S x seeds, plus dense) a
 	WANDB_MODE=disabled $(PYTHON) -m sparse_dm.train -m --config-dir multirun_sweeps --config-name demo_cpu_kanjivg \
 		hydra/launcher=local_parallel hydra.launcher.n_jobs=2 num_threads=1 method=dense sparsity=0
 	$(MAKE) report SWEEP=multirun/demo_cpu_kanjivg
+
+study:  ## issue 13: 9 arms x 3 seeds on KanjiVG (about 80 min on 2 cores), then its report in docs/study
+	WANDB_MODE=disabled $(PYTHON) -m sparse_dm.train -m --config-dir multirun_sweeps --config-name study_kanjivg_cpu \
+		hydra/launcher=local_parallel hydra.launcher.n_jobs=2 num_threads=1
+	$(PYTHON) -m sparse_dm.report --config-name study sweep_dir=multirun/study_kanjivg_cpu out=docs/study
 
 bench:  ## sparse vs dense: training step, mask update, DDIM sampling, file size (a few minutes)
 	$(PYTHON) -m benchmarks.suite

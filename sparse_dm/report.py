@@ -1,23 +1,29 @@
-"""Paper-style report from finished runs: `python -m sparse_dm.report sweep_dir=DIR out=OUT`
+"""Report from finished runs: `python -m sparse_dm.report sweep_dir=DIR out=OUT`
 (several folders: `sweep_dir=[DIR_A,DIR_B]`; options in conf/report.yaml).
 
 Reads every summary.json below the directories, averages over seeds and writes OUT/report.md
 (Table 1/2 layout plus the full grid), OUT/report.csv and OUT/plots/*.png (Fig. 2/3; Fig. 8 when a
 sparsity was swept over several prune rates; Table 8 when runs were evaluated at several DDIM steps).
+
+`--config-name study` (conf/study.yaml, layout=study) renders a multi-seed study instead: per-arm
+mean ± SD, Welch intervals to dense, learning curves and sample grids (sparse_dm.metrics.study_report).
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import shlex
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm.metrics.plots import plot_prune_rate, plot_section
+from sparse_dm.metrics.study_report import make_study_report, study_options
 from sparse_dm.metrics.tables import (
     METRICS,
     Group,
@@ -30,8 +36,9 @@ from sparse_dm.metrics.tables import (
 
 log = logging.getLogger(__name__)
 
-METRIC_DIGITS = {"fid": 2, "val_loss": 4}
+METRIC_DIGITS = {"fid": 2, "val_loss": 4, "val_loss_raw": 4, "val_loss_ema": 4}
 MIN_RATES_FOR_P_PLOT = 3  # Appendix H sweeps p over 5 values; two rates are just Fig. 2 vs Fig. 9
+LAYOUTS = ("paper", "study")
 STEPS_KEY = "fid_by_steps"  # written by sparse_dm.evaluate: {"50": {"fid": ...}, "100": {...}}
 
 
@@ -236,15 +243,32 @@ def make_report(dirs: list[Path], out: Path, metric: str | None = None) -> Path:
     return report
 
 
-def report(cfg: DictConfig) -> Path:
-    """The report of conf/report.yaml's `sweep_dir` (one folder or a list) written under `out`."""
-    dirs = cfg.sweep_dir if OmegaConf.is_list(cfg.sweep_dir) else [cfg.sweep_dir]
-    return make_report([Path(d) for d in dirs], Path(cfg.out), cfg.metric)
+def report(cfg: DictConfig, command: str | None = None) -> Path:
+    """The report of `sweep_dir` (one folder or a list) written under `out`, in cfg.layout's format;
+    command is the command line that asked for it (recorded in the study report's header)."""
+    if cfg.layout not in LAYOUTS:
+        raise ValueError(f"invalid config: layout={cfg.layout!r}; allowed: one of {list(LAYOUTS)}")
+    dirs = [Path(d) for d in (cfg.sweep_dir if OmegaConf.is_list(cfg.sweep_dir) else [cfg.sweep_dir])]
+    if cfg.layout == "paper":
+        return make_report(dirs, Path(cfg.out), cfg.metric)
+    if cfg.metric is not None:
+        raise ValueError(
+            f"invalid config: metric={cfg.metric!r} applies to layout=paper; the study layout reads "
+            "study.primary and study.secondary (leave metric null)"
+        )
+    return make_study_report(dirs, Path(cfg.out), study_options(cfg.study), command)
+
+
+def command_line() -> str:
+    """This invocation as a command line, rebuilt from Hydra's record of it."""
+    hydra_cfg = HydraConfig.get()
+    args = ["python -m sparse_dm.report", f"--config-name {hydra_cfg.job.config_name}"]
+    return " ".join(args + [shlex.quote(o) for o in hydra_cfg.overrides.task])
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
 def main(cfg: DictConfig) -> None:
-    log.info("wrote %s", report(cfg))
+    log.info("wrote %s", report(cfg, command_line()))
 
 
 if __name__ == "__main__":

@@ -135,7 +135,8 @@ def test_no_summaries_names_the_folder(tmp_path):
 def test_unknown_metric_names_the_key(tmp_path):
     write_runs(tmp_path / "runs")
     cfg = report_config([f"sweep_dir={tmp_path / 'runs'}", f"out={tmp_path / 'out'}", "metric=kid"])
-    with pytest.raises(ValueError, match=r"metric='kid'; allowed: one of \['fid', 'val_loss'\]"):
+    allowed = r"\['fid', 'val_loss', 'val_loss_ema', 'val_loss_raw'\]"
+    with pytest.raises(ValueError, match=rf"metric='kid'; allowed: one of {allowed}"):
         report(cfg)
 
 

@@ -48,10 +48,36 @@ def values(jobs: list[list[str]], key: str) -> set[str]:
 
 
 EVAL_SWEEPS = {"table8_ddim_steps"}  # sweeps of sparse_dm.evaluate, not of training
+STUDY = "study_kanjivg_cpu"  # arms are study_arm/ files, not method x S grids (issue 13)
+STUDY_ARMS = {  # study_arm -> (method, S, p)
+    "dense": ("dense", 0.0, 0.5),
+    "static_s50": ("static", 0.5, 0.5),
+    "static_s90": ("static", 0.9, 0.5),
+    "rigl_s50": ("rigl", 0.5, 0.5),
+    "rigl_s90": ("rigl", 0.9, 0.5),
+    "rigl_s90_p005": ("rigl", 0.9, 0.05),
+    "magran_s50": ("magran", 0.5, 0.5),
+    "magran_s90": ("magran", 0.9, 0.5),
+    "magran_s90_p005": ("magran", 0.9, 0.05),
+}
+STUDY_STEPS, STUDY_TE = 1000, 16  # Te = round(800 x 1000 / 48,600): the paper's Te scaled to the run
 
 
 def test_every_sweep_file_is_covered():
-    assert {p.stem for p in SWEEPS.glob("*.yaml")} == set(EXPECTED) | EVAL_SWEEPS
+    assert {p.stem for p in SWEEPS.glob("*.yaml")} == set(EXPECTED) | EVAL_SWEEPS | {STUDY}
+
+
+def test_study_sweep_runs_every_arm_with_every_seed(hydra_ctx):
+    hydra_cfg, jobs = expand(STUDY)
+    assert len(jobs) == len(STUDY_ARMS) * len(SEEDS) and values(jobs, "study_arm") == set(STUDY_ARMS)
+    assert {int(v) for v in values(jobs, "seed")} == SEEDS
+    assert f"multirun/{STUDY}/" in hydra_cfg.sweep.dir
+    for arm, (method, sparsity, prune_rate) in STUDY_ARMS.items():
+        cfg = compose(STUDY, overrides=[SEARCH, f"study_arm={arm}"])
+        config.validate(cfg)
+        assert (cfg.method.name, cfg.sparsity, cfg.prune_rate) == (method, sparsity, prune_rate)
+        assert (cfg.trainer.max_steps, cfg.update_interval) == (STUDY_STEPS, STUDY_TE)
+        assert cfg.model.sampling.weights == "raw" and cfg.method.end_fraction is None
 
 
 def test_table8_sweeps_ddim_steps_per_checkpoint(hydra_ctx):

@@ -19,7 +19,13 @@ SUMMARY_NAME = "summary.json"
 P_INDEPENDENT = frozenset({"dense", "static"})
 METHOD_ORDER = ("dense", "static", "rigl", "magran")
 METHOD_LABELS = {"dense": "Dense", "static": "Static-DM", "rigl": "RigL-DM", "magran": "MagRan-DM"}
-METRICS = {"fid": "FID", "val_loss": "validation loss"}
+METRICS = {
+    "fid": "FID",
+    "val_loss": "validation loss",
+    "val_loss_raw": "validation loss (raw weights)",
+    "val_loss_ema": "validation loss (EMA weights)",
+}
+METRIC_KEYS = {"val_loss": "val/loss", "val_loss_raw": "val/loss_raw", "val_loss_ema": "val/loss_ema"}
 KEY_DIGITS = 6  # sparsity / p are config floats; round so 0.1 and 0.1000000001 group together
 
 
@@ -35,8 +41,8 @@ def load_summaries(dirs: Iterable[Path]) -> list[dict[str, Any]]:
 
 
 def metric_value(summary: dict[str, Any], metric: str) -> float | None:
-    """The run's score: its FID, or the fixed-seed validation loss; None when the run lacks it."""
-    value = summary.get("fid") if metric == "fid" else summary.get("metrics", {}).get("val/loss")
+    """The run's score: its FID, or a fixed-seed validation loss; None when the run lacks it."""
+    value = summary.get("fid") if metric == "fid" else summary.get("metrics", {}).get(METRIC_KEYS[metric])
     return None if value is None else float(value)
 
 
