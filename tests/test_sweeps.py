@@ -49,6 +49,7 @@ def values(jobs: list[list[str]], key: str) -> set[str]:
 
 EVAL_SWEEPS = {"table8_ddim_steps"}  # sweeps of sparse_dm.evaluate, not of training
 STUDY = "study_kanjivg_cpu"  # arms are study_arm/ files, not method x S grids (issue 13)
+STUDY_GPU = "study_kanjivg_gpu"  # the same arms, longer, on a GPU
 STUDY_ARMS = {  # study_arm -> (method, S, p)
     "dense": ("dense", 0.0, 0.5),
     "static_s50": ("static", 0.5, 0.5),
@@ -60,11 +61,12 @@ STUDY_ARMS = {  # study_arm -> (method, S, p)
     "magran_s90": ("magran", 0.9, 0.5),
     "magran_s90_p005": ("magran", 0.9, 0.05),
 }
+PAPER_TE, PAPER_STEPS = 800, 48_600  # ChiroDiff KanjiVG: 600 epochs x ceil(10,358 / 128) steps
 STUDY_STEPS, STUDY_TE = 1000, 16  # Te = round(800 x 1000 / 48,600): the paper's Te scaled to the run
 
 
 def test_every_sweep_file_is_covered():
-    assert {p.stem for p in SWEEPS.glob("*.yaml")} == set(EXPECTED) | EVAL_SWEEPS | {STUDY}
+    assert {p.stem for p in SWEEPS.glob("*.yaml")} == set(EXPECTED) | EVAL_SWEEPS | {STUDY, STUDY_GPU}
 
 
 def test_study_sweep_runs_every_arm_with_every_seed(hydra_ctx):
@@ -78,6 +80,20 @@ def test_study_sweep_runs_every_arm_with_every_seed(hydra_ctx):
         assert (cfg.method.name, cfg.sparsity, cfg.prune_rate) == (method, sparsity, prune_rate)
         assert (cfg.trainer.max_steps, cfg.update_interval) == (STUDY_STEPS, STUDY_TE)
         assert cfg.model.sampling.weights == "raw" and cfg.method.end_fraction is None
+
+
+def test_gpu_study_is_the_cpu_study_longer_with_te_scaled_the_same_way(hydra_ctx):
+    _, jobs = expand(STUDY_GPU)
+    assert values(jobs, "study_arm") == set(STUDY_ARMS) and len(jobs) == len(STUDY_ARMS) * len(SEEDS)
+    for arm in ("rigl_s90_p005", "dense"):
+        cpu = compose(STUDY, overrides=[SEARCH, f"study_arm={arm}"])
+        gpu = compose(STUDY_GPU, overrides=[SEARCH, f"study_arm={arm}"])
+        config.validate(gpu)
+        steps = gpu.trainer.max_steps
+        assert gpu.update_interval == round(PAPER_TE * steps / PAPER_STEPS)  # the paper's update count
+        assert gpu.trainer.accelerator == "gpu" and gpu.trainer.check_val_every_n_epoch is None
+        assert gpu.model == cpu.model and gpu.method.name == cpu.method.name
+        assert (gpu.sparsity, gpu.prune_rate) == (cpu.sparsity, cpu.prune_rate)
 
 
 def test_table8_sweeps_ddim_steps_per_checkpoint(hydra_ctx):
