@@ -10,11 +10,13 @@ from omegaconf import DictConfig, OmegaConf
 from sparse_dm.data.stroke3 import TOO_LONG_POLICIES
 from sparse_dm.diffusion.samplers import COMPVIS_MIN_STRIDE, DISCRETIZATIONS, SAMPLERS
 from sparse_dm.lightning.diffusion_module import SAMPLING_WEIGHTS
+from sparse_dm.sparsity.adaptive import check_adaptive
 from sparse_dm.sparsity.criteria import GROW_CRITERIA, PRUNE_CRITERIA
 from sparse_dm.sparsity.distributions import DISTRIBUTIONS
 from sparse_dm.sparsity.ema import MASK_UPDATE_POLICIES
 from sparse_dm.sparsity.flops import CONVENTIONS
 from sparse_dm.sparsity.schedule import SCHEDULES
+from sparse_dm.sparsity.timestep_bands import check_bands
 
 METHODS = ("dense", "static", "rigl", "magran")
 
@@ -81,6 +83,7 @@ def validate(cfg: DictConfig) -> None:
             "invalid config: method.schedule=cosine decays to 0 at the last update; allowed: set "
             "method.end_fraction (e.g. 0.75) or method.end_step"
         )
+    validate_beyond_paper(cfg)
     _check(cfg, "dataset.batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     _check(
         cfg, "dataset.num_train", lambda v: _is_int(v) and v >= 1, "null or an integer >= 1", optional=True
@@ -136,3 +139,38 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             "invalid config: trainer.max_steps=-1 and trainer.max_epochs unset; set one of them"
         )
+
+
+def validate_beyond_paper(cfg: DictConfig) -> None:
+    """method.timestep_bands and method.adaptive (both optional: null or absent = the paper's method)."""
+    bands = OmegaConf.select(cfg, "method.timestep_bands")
+    adaptive = OmegaConf.select(cfg, "method.adaptive")
+    if bands is not None:
+        if cfg.method.name == "dense":
+            raise ConfigError("invalid config: method.timestep_bands with method=dense; allowed: null")
+        if not isinstance(bands, DictConfig) or set(bands) != {"boundaries", "sparsities"}:
+            raise ConfigError(
+                f"invalid config: method.timestep_bands={bands!r}; allowed: null or "
+                "{boundaries: [t_1, ...], sparsities: [S_0, ..., S_K-1]}"
+            )
+        try:
+            check_bands(
+                list(bands.boundaries), list(bands.sparsities), int(cfg.model.diffusion.num_timesteps)
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    if adaptive is not None:
+        if cfg.method.grow is None:
+            raise ConfigError(
+                f"invalid config: method.adaptive with method={cfg.method.name}, whose masks never change; "
+                "allowed: null (or a dynamic method: rigl, magran)"
+            )
+        if not isinstance(adaptive, DictConfig) or set(adaptive) != {"loss_ema_decay", "min_prune_rate"}:
+            raise ConfigError(
+                f"invalid config: method.adaptive={adaptive!r}; allowed: null or "
+                "{loss_ema_decay: [0, 1), min_prune_rate: (0, prune_rate]}"
+            )
+        try:
+            check_adaptive(adaptive.loss_ema_decay, adaptive.min_prune_rate, float(cfg.prune_rate))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err

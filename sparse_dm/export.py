@@ -166,6 +166,12 @@ def export(cfg: DictConfig) -> Path:
         raise ValueError(f"invalid config: weights={cfg.weights!r}; allowed: one of {SAMPLING_WEIGHTS}")
     out = Path(cfg.out) if cfg.out else ckpt_path.with_suffix(SUFFIX)
     module, model_cfg, step = module_from_lightning(ckpt_path, cfg.run_dir)
+    if module.timestep_bands is not None:
+        raise ValueError(
+            f"{ckpt_path} holds timestep-band masks (method.timestep_bands): the {SUFFIX} format stores one "
+            "mask per weight, so it is not exported; sample from the checkpoint itself "
+            "(python -m sparse_dm.sample ckpt_path=... backend=dense)"
+        )
     path = write_sdm(module, model_cfg, cfg.weights, step, out)
     log.info(
         "%s -> %s (%.1f kB; checkpoint %.1f kB)",

@@ -21,9 +21,8 @@ def _to_float(value: Any) -> float:
 def layer_records(net: torch.nn.Module, engine: SparseEngine | None) -> list[dict]:
     """Final per-layer counts: nnz from the masks, nonzero from the values (dense runs: all active)."""
     if engine is not None:
-        return [
-            {k: s[k] for k in ("name", "numel", "nnz", "target_nnz", "nonzero")} for s in engine.layer_stats()
-        ]
+        keys = ("name", "numel", "nnz", "target_nnz", "nonzero", "band_nnz", "band_target_nnz")
+        return [{k: s[k] for k in keys if k in s} for s in engine.layer_stats()]
     return [
         {
             "name": w.name,
@@ -60,6 +59,8 @@ def build_summary(
         "mask_updates": engine.num_updates if engine else 0,
         "mask_updates_skipped": engine.skipped_updates if engine else 0,
         "exploration_rate": engine.exploration_rate() if engine else 1.0,
+        # method.adaptive: the p of every mask update ({step, prune_rate, loss_decrease})
+        "prune_rate_effective": engine.adaptive.history if engine and engine.adaptive else None,
         "metrics": {k: (v if math.isfinite(v) else None) for k, v in finite.items()},
         "samples": samples,
         "checkpoints": checkpoints,  # [{path, step}], newest first

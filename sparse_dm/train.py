@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm import config, preflight
+from sparse_dm.band_cost import timestep_bands
 from sparse_dm.cost import active_counts, compute_cost
 from sparse_dm.lightning.checkpointing import (
     AtomicCheckpointIO,
@@ -41,6 +42,8 @@ from sparse_dm.lightning.init_from import check_init_compatible, init_from_check
 from sparse_dm.lightning.nonfinite_guard import NonFiniteLossGuard, check_final_metric
 from sparse_dm.lightning.rng_state import RNGStateCallback
 from sparse_dm.lightning.wandb_logging import CSV_DIR, build_loggers, finish_loggers
+from sparse_dm.sparsity.adaptive import AdaptivePruneRate
+from sparse_dm.sparsity.banded_engine import BandedSparseEngine
 from sparse_dm.sparsity.engine import EmptyLayerError, SparseEngine, check_layer_budget
 from sparse_dm.summary import build_summary, sketch_stats_entry, write_summary
 
@@ -51,9 +54,16 @@ def build_engine(cfg: DictConfig, net: torch.nn.Module) -> SparseEngine | None:
     """Masks for the configured method on `net` (None for dense)."""
     if cfg.method.name == "dense":
         return None
-    return SparseEngine(
+    adaptive_cfg = OmegaConf.select(cfg, "method.adaptive")  # absent from configs saved before it existed
+    bands_cfg = OmegaConf.select(cfg, "method.timestep_bands")
+    masks: dict[str, Any] = {"sparsity": float(cfg.sparsity)}
+    engine_type: type[SparseEngine] = SparseEngine
+    if bands_cfg is not None:
+        engine_type, masks = BandedSparseEngine, {"bands": timestep_bands(cfg)}
+    return engine_type(
         net,
-        sparsity=float(cfg.sparsity),
+        **masks,
+        adaptive=None if adaptive_cfg is None else AdaptivePruneRate(**adaptive_cfg),
         distribution=cfg.method.distribution,
         prune=cfg.method.prune,
         grow=cfg.method.grow,
@@ -75,11 +85,17 @@ def check_sparsity_budget(cfg: DictConfig) -> None:
         return
     with torch.device("meta"):
         net = instantiate(cfg.model.net, _convert_="all")
-    counts = active_counts(cfg, net)
-    try:
-        check_layer_budget(list(counts), list(counts.values()))
-    except EmptyLayerError as err:
-        raise config.ConfigError(f"invalid config: sparsity={cfg.sparsity}: {err}") from err
+    bands = timestep_bands(cfg)
+    for key, sparsity in (
+        [("sparsity", float(cfg.sparsity))]
+        if bands is None
+        else [(f"method.timestep_bands.sparsities[{k}]", s) for k, s in enumerate(bands.sparsities)]
+    ):
+        counts = active_counts(cfg, net, sparsity)
+        try:
+            check_layer_budget(list(counts), list(counts.values()))
+        except EmptyLayerError as err:
+            raise config.ConfigError(f"invalid config: {key}={sparsity}: {err}") from err
 
 
 def build_run(cfg: DictConfig) -> tuple[DiffusionModule, L.LightningDataModule, SparseEngine | None]:
@@ -94,6 +110,8 @@ def build_run(cfg: DictConfig) -> tuple[DiffusionModule, L.LightningDataModule, 
     datamodule = instantiate(cfg.dataset, _convert_="all")
     module: DiffusionModule = instantiate(cfg.model, _convert_="all")
     engine = build_engine(cfg, module.net)
+    if isinstance(engine, BandedSparseEngine):
+        module.timestep_bands = engine.router
     module.ema.remask(module.net)
     return module, datamodule, engine
 

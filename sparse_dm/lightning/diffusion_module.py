@@ -9,7 +9,7 @@ the denoiser call (see docs/CONTRACTS.md).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +67,9 @@ class DiffusionModule(L.LightningModule):
         self.output_dir: Path | None = None
         self.sample_paths: list[str] = []
         self.last_validated_step = -1
+        # Set by sparse_dm.train for runs with method.timestep_bands: calls the net with each
+        # sample's band mask (sparsity.timestep_bands.BandRouter). None: the plain net.
+        self.timestep_bands: Callable[..., Tensor] | None = None
 
     # ----- family-specific hooks -------------------------------------------------------------
     def prepare_batch(self, batch: Any) -> DiffusionBatch:
@@ -85,6 +88,12 @@ class DiffusionModule(L.LightningModule):
         raise NotImplementedError
 
     # ----- shared machinery ------------------------------------------------------------------
+    @property
+    def denoiser(self) -> Callable[..., Tensor]:
+        """What families call instead of `self.net(x_t, t, ...)`: the net itself, or the net routed
+        through the timestep-band masks."""
+        return self.net if self.timestep_bands is None else self.timestep_bands
+
     @contextmanager
     def ema_weights(self) -> Iterator[nn.Module]:
         """Run self.net with the (masked) EMA weights inside the block."""

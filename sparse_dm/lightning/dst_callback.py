@@ -19,6 +19,12 @@ from sparse_dm.sparsity.ema import MaskedEMA
 from sparse_dm.sparsity.engine import SparseEngine, UpdateReport
 
 
+def _loss_value(outputs: Any) -> float:
+    """The training loss of the step from `on_train_batch_end`'s outputs (a dict or the tensor)."""
+    loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+    return float(loss.detach()) if torch.is_tensor(loss) else float("nan")
+
+
 class DSTCallback(L.Callback):
     """Drives a SparseEngine; keeps its counters in checkpoints; logs each mask update.
 
@@ -47,6 +53,8 @@ class DSTCallback(L.Callback):
         due = self.engine.update_due(self.engine.step + 1)
         self._scale_before_step = float(scaler.get_scale()) if scaler is not None and due else None
         self.engine.before_step()
+        if trainer.world_size > 1 and hasattr(self.engine, "reduce_band_gradients"):
+            self.engine.reduce_band_gradients(trainer.strategy.reduce)
 
     def _step_was_skipped(self, trainer: L.Trainer) -> bool:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -60,12 +68,16 @@ class DSTCallback(L.Callback):
         if trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step
+        if self.engine.adaptive is not None:
+            self.engine.observe_loss(_loss_value(outputs))
         report = self.engine.after_step(trainer.optimizers[0], step_skipped=self._step_was_skipped(trainer))
         self._scale_before_step = None
         if report is None:
             return
         if trainer.world_size > 1:
-            verify_identical_masks(self.engine.weights, trainer.strategy.all_gather, trainer.global_step)
+            verify_identical_masks(
+                self.engine.checked_masks, trainer.strategy.all_gather, trainer.global_step
+            )
         ema = getattr(pl_module, "ema", None)
         if report.skipped is None and isinstance(ema, MaskedEMA):
             ema.masks_changed(pl_module.net)
@@ -79,6 +91,8 @@ class DSTCallback(L.Callback):
             "sparsity/drop_fraction": report.drop_fraction,
             "sparsity/replaced": float(sum(layer.grown for layer in report.layers)),
         }
+        if self.engine.adaptive is not None:
+            metrics["sparsity/prune_rate_effective"] = report.drop_fraction
         if self.log_layers:
             for stats in self.engine.layer_stats():
                 metrics[f"density/{stats['name']}"] = stats["density"]

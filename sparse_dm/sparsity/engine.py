@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_dm.sparsity import criteria
+from sparse_dm.sparsity.adaptive import AdaptivePruneRate
 from sparse_dm.sparsity.distributions import layer_counts
 from sparse_dm.sparsity.explorer import LayerUpdate, explore, reset_optimizer_state, update_generator
 from sparse_dm.sparsity.masks import (
@@ -95,7 +96,9 @@ class SparseEngine:
         seed: int = 0,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
+        adaptive: AdaptivePruneRate | None = None,
     ) -> None:
+        self.adaptive = adaptive
         self.weights: list[PrunableWeight] = find_prunable(model, include, exclude)
         self.prune = criteria.get(criteria.PRUNE_CRITERIA, prune, "method.prune")
         self.grow = criteria.get(criteria.GROW_CRITERIA, grow, "method.grow") if grow else None
@@ -132,6 +135,21 @@ class SparseEngine:
     @property
     def dynamic(self) -> bool:
         return self.grow is not None
+
+    def observe_loss(self, loss: float) -> None:
+        """The training loss of one optimizer step (the signal of `method.adaptive`; else unused)."""
+        if self.adaptive is not None:
+            self.adaptive.observe(loss)
+
+    def drop_fraction(self, step: int) -> float:
+        """p of the update at `step`: the schedule's, scaled by the adaptive rule if configured."""
+        scheduled = self.schedule.drop_fraction(step)
+        return scheduled if self.adaptive is None else self.adaptive.rate(step, scheduled)
+
+    @property
+    def checked_masks(self) -> Sequence[PrunableWeight]:
+        """The masks data-parallel ranks must agree on."""
+        return self.weights
 
     def update_due(self, step: int) -> bool:
         return self.dynamic and self.schedule.is_update_step(step)
@@ -179,7 +197,7 @@ class SparseEngine:
         if not self.update_due(self.step):
             return None
         assert self.grow is not None
-        drop = self.schedule.drop_fraction(self.step)
+        drop = self.drop_fraction(self.step)
         reason = self._skip_reason(step_skipped)
         self._nonfinite_grads = False
         if reason is not None:
@@ -228,6 +246,7 @@ class SparseEngine:
             "num_updates": self.num_updates,
             "skipped_updates": self.skipped_updates,
             "ever_active": [m.cpu() for m in self.ever_active],
+            **({"adaptive": self.adaptive.state_dict()} if self.adaptive is not None else {}),
         }
 
     def check_masks(self) -> None:
@@ -248,3 +267,9 @@ class SparseEngine:
         self.num_updates = int(state["num_updates"])
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.ever_active = [m.clone().to(torch.bool) for m in state["ever_active"]]
+        if self.adaptive is not None:
+            if "adaptive" not in state:
+                raise ValueError(
+                    "the checkpoint has no adaptive prune-rate state; resume with method.adaptive=null"
+                )
+            self.adaptive.load_state_dict(state["adaptive"])
