@@ -199,13 +199,13 @@ def test_bad_band_or_adaptive_config_is_refused_naming_the_key(tmp_path, overrid
 
 
 def test_bands_and_adaptive_need_a_method_that_uses_them(tmp_path):
-    with pytest.raises(ConfigError, match="method.timestep_bands with method=dense"):
+    with pytest.raises(ConfigError, match=r"method\.timestep_bands with method=dense"):
         validate(
             compose_config(
                 tmp_path, ["method=dense", "method.timestep_bands={boundaries:[5],sparsities:[0.1,0.2]}"]
             )
         )
-    with pytest.raises(ConfigError, match="method.adaptive with method=static"):
+    with pytest.raises(ConfigError, match=r"method\.adaptive with method=static"):
         validate(
             compose_config(
                 tmp_path, ["method=static", "method.adaptive={loss_ema_decay:0.9,min_prune_rate:0.1}"]
