@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm.sparsity.engine import SparseEngine
 from sparse_dm.sparsity.masks import find_prunable
@@ -35,6 +35,17 @@ def layer_records(net: torch.nn.Module, engine: SparseEngine | None) -> list[dic
     ]
 
 
+def method_label(cfg: DictConfig) -> str:
+    """The method as reports group it: the paper's name, plus `+tbands` (method.timestep_bands) and
+    `+adaptive` (method.adaptive), so those variants never pool with the paper's method."""
+    label = cfg.method.name
+    if OmegaConf.select(cfg, "method.timestep_bands") is not None:
+        label += "+tbands"
+    if OmegaConf.select(cfg, "method.adaptive") is not None:
+        label += "+adaptive"
+    return label
+
+
 def build_summary(
     cfg: DictConfig,
     cost: dict,
@@ -49,7 +60,8 @@ def build_summary(
     summary = {
         "model": cfg.model.name,
         "dataset": cfg.dataset.name,
-        "method": cfg.method.name,
+        "method": method_label(cfg),
+        "timestep_bands": None,  # replaced by the cost's per-band figures for timestep-band runs
         "sparsity": float(cfg.sparsity),
         "prune_rate": float(cfg.prune_rate),
         "update_interval": int(cfg.update_interval),

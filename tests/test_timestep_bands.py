@@ -176,9 +176,11 @@ def test_equal_sampling_flops_over_the_ddim_schedule(tmp_path):
     assert abs(info["equal_sampling_flops_sparsity"] - 0.9) < 1e-3
     assert abs(single["flops_test_per_sample"] / cost["flops_test_per_sample"] - 1) < 2e-3
     skewed = compute_cost(
-        compose_config(tmp_path, ["experiment=chirodiff_kanjivg", bands, "model.sampling.steps=10"])
+        compose_config(tmp_path, ["experiment=chirodiff_kanjivg", bands, "model.sampling.steps=3"])
     )
-    assert [b["sampling_steps"] for b in skewed["timestep_bands"]["bands"]] == [5, 5]
+    assert [b["sampling_steps"] for b in skewed["timestep_bands"]["bands"]] == [2, 1]  # 667, 333, 0
+    f0, f1 = (b["flops_forward"] for b in skewed["timestep_bands"]["bands"])
+    assert skewed["flops_test_per_sample"] == 2 * f0 + f1
 
 
 @pytest.mark.parametrize(
