@@ -133,11 +133,14 @@ def format_table(cost: dict) -> str:
 
 
 def mask_bytes(cfg: DictConfig, net: torch.nn.Module) -> int:
-    """Bytes of the boolean masks the engine will attach (none for dense)."""
+    """Bytes of the boolean masks the engine will attach (none for dense; with timestep bands, the
+    union plus one mask per band)."""
     if cfg.method.name == "dense":
         return 0
     masks = find_prunable(net, cfg.method.include, cfg.method.exclude)
-    return sum(w.param.numel() for w in masks) * torch.empty(0, dtype=torch.bool).element_size()
+    bands = timestep_bands(cfg)
+    per_weight = 1 if bands is None else 1 + bands.num_bands
+    return per_weight * sum(w.param.numel() for w in masks) * torch.empty(0, dtype=torch.bool).element_size()
 
 
 def compute_resources(cfg: DictConfig, module: torch.nn.Module) -> dict:

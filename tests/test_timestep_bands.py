@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from run_config import TINY_CHIRODIFF, compose_config
+from test_ddp import SHORT, TWO_RANKS, assert_identical, rank_states, train_two_ranks
 from test_resume import CHIRODIFF, STEPS, assert_same_run, crash_at
 
 from sparse_dm.config import ConfigError, validate
@@ -16,12 +17,19 @@ from sparse_dm.cost import compute_cost
 from sparse_dm.diffusion import NoiseSchedule
 from sparse_dm.diffusion.losses import per_sample_masked_mse
 from sparse_dm.diffusion.samplers import ddim_sample
+from sparse_dm.export import export, module_from_sdm, read_sdm
 from sparse_dm.inference import install_inference_form
+from sparse_dm.inference.sources import module_from_lightning
 from sparse_dm.lightning.chirodiff_module import ChiroDiffModule
 from sparse_dm.models.chirodiff import ChiroDiffNet
 from sparse_dm.sparsity.banded_engine import BandedSparseEngine
 from sparse_dm.sparsity.masks import register_masks
-from sparse_dm.sparsity.timestep_bands import TimestepBands, band_masks, register_band_masks
+from sparse_dm.sparsity.timestep_bands import (
+    BAND_MASKS_SUFFIX,
+    TimestepBands,
+    band_masks,
+    register_band_masks,
+)
 from sparse_dm.train import build_run, run
 
 T = 1000
@@ -245,6 +253,25 @@ def test_banded_adaptive_run_reports_bands_and_bounded_prune_rates(straight_band
     assert summary["timestep_bands"]["sparsities"] == [0.6, 0.8]
 
 
+def test_export_keeps_the_band_masks_and_their_routing(tmp_path, straight_banded):
+    run_dir, _ = straight_banded
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    path = export(
+        OmegaConf.create(
+            {"ckpt_path": str(ckpt), "run_dir": None, "out": str(tmp_path / "m.sdm"), "weights": "raw"}
+        )
+    )
+    exported = module_from_sdm(read_sdm(path))
+    trained, _, _ = module_from_lightning(ckpt)
+    pairs = zip(trained.timestep_bands.weights, exported.timestep_bands.weights, strict=True)
+    assert all(torch.equal(band_masks(a), band_masks(b)) for a, b in pairs)
+    x, t, lengths = inputs([100, 700, 499, 500, 0, 999])
+    with torch.no_grad():
+        assert torch.equal(exported.denoiser(x, t, lengths), trained.denoiser(x, t, lengths))
+        generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        assert all(map(torch.equal, exported.generate(3, generator()), trained.generate(3, generator())))
+
+
 def test_banded_adaptive_run_resumes_bit_exactly(tmp_path, straight_banded, monkeypatch):
     overrides = [*CHIRODIFF, *BAND_OVERRIDES, ADAPTIVE_OVERRIDE, f"trainer.max_steps={STEPS}"]
     monkeypatch.setattr(ChiroDiffModule, "training_step", crash_at(ChiroDiffModule, 9))
@@ -256,3 +283,17 @@ def test_banded_adaptive_run_resumes_bit_exactly(tmp_path, straight_banded, monk
     assert_same_run(tmp_path, run_dir)
     assert resumed["prune_rate_effective"] == straight["prune_rate_effective"]
     assert OmegaConf.load(tmp_path / "config.yaml").method.timestep_bands.boundaries == [500]
+
+
+def test_two_ranks_keep_identical_band_masks(tmp_path):
+    """Each rank captures its own band gradients; reduced over ranks, every rank grows the same
+    positions (the cross-rank checksum covers every band's masks)."""
+    overrides = [*TINY_CHIRODIFF, *SHORT, *TWO_RANKS, "method=rigl", *BAND_OVERRIDES]
+    result = train_two_ranks(tmp_path, overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for tag in ("start", "update1", "update2", "end"):
+        rank0, rank1 = rank_states(tmp_path / "probe", tag)
+        assert_identical(rank0, rank1, tag)
+    start, end = rank_states(tmp_path / "probe", "start")[0], rank_states(tmp_path / "probe", "end")[0]
+    bands = [k for k in end["module"] if k.endswith(BAND_MASKS_SUFFIX)]
+    assert bands and any(not torch.equal(start["module"][k], end["module"][k]) for k in bands)
