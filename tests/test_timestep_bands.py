@@ -242,7 +242,7 @@ def straight_banded(tmp_path_factory):
 
 
 def test_banded_adaptive_run_reports_bands_and_bounded_prune_rates(straight_banded):
-    _, summary = straight_banded
+    run_dir, summary = straight_banded
     for layer in summary["layers"]:
         assert layer["band_nnz"] == layer["band_target_nnz"]
         assert max(layer["band_nnz"]) <= layer["nnz"] <= sum(layer["band_nnz"])
@@ -251,6 +251,11 @@ def test_banded_adaptive_run_reports_bands_and_bounded_prune_rates(straight_band
     assert all(0.1 <= p <= 0.5 for p in rates)
     assert rates[0] == 0.5  # the first window sets the reference rate
     assert summary["timestep_bands"]["sparsities"] == [0.6, 0.8]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    unions = {k[len("net.") : -len("_mask")]: v for k, v in state.items() if k.endswith("_mask")}
+    for name, union in unions.items():
+        assert torch.equal(union, state[f"net.{name}{BAND_MASKS_SUFFIX}"].any(0))
+        assert not state[f"ema.{name.replace('.', '__')}"][~union].any(), f"EMA of {name} outside every band"
 
 
 def test_export_keeps_the_band_masks_and_their_routing(tmp_path, straight_banded):
