@@ -22,7 +22,7 @@ from sparse_dm.diffusion import NoiseSchedule, ddim_sample
 from sparse_dm.sparsity import BandedSparseEngine, SparseEngine, TimestepBands
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = {"pairs": 10, "batch": 128, "sample_batch": 64, "ddim_steps": 50, "sample_pairs": 3}
+FULL = {"pairs": 4, "batch": 128, "sample_batch": 16, "ddim_steps": 50, "sample_pairs": 2}
 QUICK = {"pairs": 2, "batch": 8, "sample_batch": 4, "ddim_steps": 2, "sample_pairs": 1}
 SINGLE_SPARSITY = 0.9
 BANDS = TimestepBands((500,), (0.85, 0.95), 1000)

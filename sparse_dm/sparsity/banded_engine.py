@@ -8,6 +8,8 @@ update. The ordinary mask is the union of the band masks: weights active in no b
 the optimizer state is reset where the union changed (positions that left every band, or joined
 the first one). A position pruned from one band but still used by another keeps its value and
 state; a position grown into a band that another band already uses starts from the shared value.
+Under AMP the captured band gradients carry the loss scale (hooks run before unscaling): growth
+ranks positions within a band, which one common factor does not change.
 """
 
 from __future__ import annotations
