@@ -49,6 +49,7 @@ def values(jobs: list[list[str]], key: str) -> set[str]:
 
 EVAL_SWEEPS = {"table8_ddim_steps"}  # sweeps of sparse_dm.evaluate, not of training
 STUDY = "study_kanjivg_cpu"  # arms are study_arm/ files, not method x S grids (issue 13)
+STUDY_SWEEPS = {STUDY: 27, "study_tsteps_kanjivg_cpu": 12}  # arms (study_arm/) x 3 seeds
 STUDY_ARMS = {  # study_arm -> (method, S, p)
     "dense": ("dense", 0.0, 0.5),
     "static_s50": ("static", 0.5, 0.5),
@@ -63,10 +64,6 @@ STUDY_ARMS = {  # study_arm -> (method, S, p)
 STUDY_STEPS, STUDY_TE = 1000, 16  # Te = round(800 x 1000 / 48,600): the paper's Te scaled to the run
 
 
-def test_every_sweep_file_is_covered():
-    assert {p.stem for p in SWEEPS.glob("*.yaml")} == set(EXPECTED) | EVAL_SWEEPS | {STUDY}
-
-
 def test_study_sweep_runs_every_arm_with_every_seed(hydra_ctx):
     hydra_cfg, jobs = expand(STUDY)
     assert len(jobs) == len(STUDY_ARMS) * len(SEEDS) and values(jobs, "study_arm") == set(STUDY_ARMS)
@@ -78,6 +75,39 @@ def test_study_sweep_runs_every_arm_with_every_seed(hydra_ctx):
         assert (cfg.method.name, cfg.sparsity, cfg.prune_rate) == (method, sparsity, prune_rate)
         assert (cfg.trainer.max_steps, cfg.update_interval) == (STUDY_STEPS, STUDY_TE)
         assert cfg.model.sampling.weights == "raw" and cfg.method.end_fraction is None
+
+
+def test_every_sweep_file_is_covered():
+    assert {p.stem for p in SWEEPS.glob("*.yaml")} == set(EXPECTED) | EVAL_SWEEPS | set(STUDY_SWEEPS)
+
+
+def composed(name: str, job: list[str]) -> dict:
+    cfg = compose(name, overrides=[SEARCH, *job])
+    config.validate(cfg)
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+@pytest.mark.parametrize("name", sorted(STUDY_SWEEPS))
+def test_study_sweeps_validate_and_share_the_single_mask_arm(hydra_ctx, name):
+    _, jobs = expand(name)
+    assert len(jobs) == STUDY_SWEEPS[name] and {int(v) for v in values(jobs, "seed")} == SEEDS
+    for job in jobs:
+        composed(name, job)
+
+
+def test_timestep_band_study_reuses_the_single_mask_arm(hydra_ctx):
+    # The timestep-band study's single-mask arm is the paper-findings study's rigl_s90 run for run.
+    assert composed("study_tsteps_kanjivg_cpu", ["study_arm=rigl_s90", "seed=1"]) == composed(
+        "study_kanjivg_cpu", ["study_arm=rigl_s90", "seed=1"]
+    )
+    bands = compose("study_tsteps_kanjivg_cpu", overrides=[SEARCH, "study_arm=rigl_s90_tbands_adaptive"])
+    assert (
+        bands.method.timestep_bands.sparsities == [0.85, 0.95]
+        and bands.method.adaptive.min_prune_rate == 0.05
+    )
+    assert (
+        bands.trainer.max_steps == 1000 and bands.update_interval == 16 and bands.method.end_fraction is None
+    )
 
 
 def test_table8_sweeps_ddim_steps_per_checkpoint(hydra_ctx):
