@@ -223,6 +223,11 @@ def test_bands_and_adaptive_need_a_method_that_uses_them(tmp_path):
         )
 
 
+def test_bands_refuse_growth_by_the_gradient_average(tmp_path):
+    with pytest.raises(ConfigError, match=r"method\.grow='momentum' with method\.timestep_bands"):
+        validate(compose_config(tmp_path, [*TINY_CHIRODIFF, "method.grow=momentum", *BAND_OVERRIDES]))
+
+
 def test_sparse_inference_form_refuses_band_masks(tmp_path):
     module, _, _ = build_run(compose_config(tmp_path, [*TINY_CHIRODIFF, *BAND_OVERRIDES]))
     assert isinstance(module, ChiroDiffModule) and module.timestep_bands is not None
