@@ -49,7 +49,11 @@ def values(jobs: list[list[str]], key: str) -> set[str]:
 
 EVAL_SWEEPS = {"table8_ddim_steps"}  # sweeps of sparse_dm.evaluate, not of training
 STUDY = "study_kanjivg_cpu"  # arms are study_arm/ files, not method x S grids (issue 13)
-STUDY_SWEEPS = {STUDY: 27, "study_tsteps_kanjivg_cpu": 12}  # arms (study_arm/) x 3 seeds
+STUDY_SWEEPS = {  # arms (study_arm/) x 3 seeds
+    STUDY: 27,
+    "study_kanjivg_gpu": 27,
+    "study_tsteps_kanjivg_cpu": 12,
+}
 STUDY_ARMS = {  # study_arm -> (method, S, p)
     "dense": ("dense", 0.0, 0.5),
     "static_s50": ("static", 0.5, 0.5),
