@@ -1,9 +1,10 @@
 """Config checks that run before anything is built, so bad values fail fast with the key's name.
 
 Each value has one rule. Keys that an object checks when it is built (SparseEngine's schedule and
-criteria, MaskedEMA, NoiseSchedule, the sampling weights, the non-finite guard, the cost convention)
-are checked here by calling that object's own rule; keys no object checks have their rule here; the
-rules between keys (dense <=> S = 0, sampling steps <= T, a run length) are `check_cross_key_rules`.
+criteria, MaskedEMA, NoiseSchedule, the sampling weights, the non-finite guard, the cost convention,
+the timestep bands and the adaptive prune rate) are checked here by calling that object's own rule;
+keys no object checks have their rule here; the rules between keys (dense <=> S = 0, sampling
+steps <= T, a run length, what bands / adaptive p need of the method) are `check_cross_key_rules`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from sparse_dm.diffusion.schedule import NoiseSchedule
 from sparse_dm.lightning.diffusion_module import check_sampling_weights
 from sparse_dm.lightning.nonfinite_guard import check_max_consecutive
 from sparse_dm.sparsity import criteria
+from sparse_dm.sparsity.banded_engine import check_band_growth
 from sparse_dm.sparsity.distributions import check_distribution, check_sparsity
 from sparse_dm.sparsity.ema import check_ema_settings
+from sparse_dm.sparsity.engine import check_grad_ema_beta
+from sparse_dm.sparsity.factory import adaptive_from, timestep_bands_from
 from sparse_dm.sparsity.flops import check_convention
 from sparse_dm.sparsity.schedule import UpdateSchedule
 
@@ -90,10 +94,27 @@ def _check_owned_values(cfg: DictConfig) -> None:
         check_convention(_get(cfg, "cost.convention"))
         if "nonfinite" in cfg:  # absent from run configs saved before it existed (evaluate re-reads those)
             check_max_consecutive(_get(cfg, "nonfinite.max_consecutive_losses"))
+        _check_method_extras(cfg)
+
+
+def _check_method_extras(cfg: DictConfig) -> None:
+    """The optional method keys (absent from run configs saved before they existed; dense has none
+    of grad_ema_beta): checked by the objects conf/method's factory builds from them."""
+    beta = OmegaConf.select(cfg, "method.grad_ema_beta")
+    if beta is not None:
+        check_grad_ema_beta(beta)
+    bands = OmegaConf.select(cfg, "method.timestep_bands")
+    if bands is not None:
+        timestep_bands_from(bands, int(cfg.model.diffusion.num_timesteps))
+        check_band_growth(_get(cfg, "method.grow"))
+    adaptive = OmegaConf.select(cfg, "method.adaptive")
+    if adaptive is not None:
+        adaptive_from(adaptive)
 
 
 def check_cross_key_rules(cfg: DictConfig) -> None:
-    """Rules between keys: method <=> sparsity, sampling steps <= T (and the compvis bound), a run length."""
+    """Rules between keys: method <=> sparsity, sampling steps <= T (and the compvis bound), a run
+    length, and what timestep bands / the adaptive prune rate need of the method."""
     if cfg.method.name == "dense" and cfg.sparsity != 0:
         raise ConfigError(
             f"invalid config: sparsity={cfg.sparsity} with method=dense; allowed: 0 (use static/rigl/magran)"
@@ -114,6 +135,27 @@ def check_cross_key_rules(cfg: DictConfig) -> None:
     if cfg.trainer.max_steps == -1 and (cfg.trainer.get("max_epochs") in (None, -1)):
         raise ConfigError(
             "invalid config: trainer.max_steps=-1 and trainer.max_epochs unset; set one of them"
+        )
+    _check_beyond_paper_cross_keys(cfg)
+
+
+def _check_beyond_paper_cross_keys(cfg: DictConfig) -> None:
+    """method.timestep_bands needs masks; method.adaptive needs masks that change and a floor
+    min_prune_rate <= prune_rate."""
+    if OmegaConf.select(cfg, "method.timestep_bands") is not None and cfg.method.name == "dense":
+        raise ConfigError("invalid config: method.timestep_bands with method=dense; allowed: null")
+    adaptive = OmegaConf.select(cfg, "method.adaptive")
+    if adaptive is None:
+        return
+    if cfg.method.grow is None:
+        raise ConfigError(
+            f"invalid config: method.adaptive with method={cfg.method.name}, whose masks never change; "
+            "allowed: null (or a dynamic method: rigl, magran)"
+        )
+    if adaptive.min_prune_rate > cfg.prune_rate:
+        raise ConfigError(
+            f"invalid config: method.adaptive.min_prune_rate={adaptive.min_prune_rate} with "
+            f"prune_rate={cfg.prune_rate}; allowed: a number in (0, prune_rate]"
         )
 
 

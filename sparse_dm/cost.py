@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from sparse_dm import config
+from sparse_dm.band_cost import banded_cost, timestep_bands
 from sparse_dm.memory_estimate import training_memory
 from sparse_dm.preflight import GIB, disk_estimate
 from sparse_dm.run_length import TrainingSetUnknown, train_steps
@@ -33,10 +34,12 @@ from sparse_dm.sparsity.schedule import UpdateSchedule
 log = logging.getLogger(__name__)
 
 
-def active_counts(cfg: DictConfig, net: torch.nn.Module) -> dict[str, int]:
-    """Active weights per prunable layer, exactly as the engine will initialise them."""
+def active_counts(cfg: DictConfig, net: torch.nn.Module, sparsity: float | None = None) -> dict[str, int]:
+    """Active weights per prunable layer, exactly as the engine will initialise them (at `sparsity`,
+    default the config's; a timestep band passes its own)."""
     weights = find_prunable(net, cfg.method.include, cfg.method.exclude)
-    counts = layer_counts([tuple(w.param.shape) for w in weights], cfg.sparsity, cfg.method.distribution)
+    sparsity = float(cfg.sparsity) if sparsity is None else sparsity
+    counts = layer_counts([tuple(w.param.shape) for w in weights], sparsity, cfg.method.distribution)
     return {w.name: c for w, c in zip(weights, counts, strict=True)}
 
 
@@ -67,10 +70,7 @@ def compute_cost(cfg: DictConfig, module: torch.nn.Module | None = None) -> dict
     )
     stop = schedule.stop_step
     window = min(1.0, stop / steps) if stop is not None and steps else (cfg.method.end_fraction or 1.0)
-    cost = cost_summary(
-        net,
-        uses,
-        active,
+    summary_args = dict(
         sampling_steps=int(cfg.model.sampling.steps),
         train_steps=steps,
         batch_size=int(cfg.dataset.batch_size),
@@ -80,6 +80,14 @@ def compute_cost(cfg: DictConfig, module: torch.nn.Module | None = None) -> dict
         update_window=window,
         dense_grad_every_step=criterion is not None and criterion.needs_grad_ema,
     )
+    bands = timestep_bands(cfg)
+    if bands is None:
+        cost = cost_summary(net, uses, active, **summary_args)
+    else:
+        per_band = [
+            cost_summary(net, uses, active_counts(cfg, net, s), **summary_args) for s in bands.sparsities
+        ]
+        cost = banded_cost(cfg, bands, per_band, uses, lambda s: active_counts(cfg, net, s))
     planned = schedule.num_updates() if grow is not None else 0
     return {**cost, "mask_updates_planned": planned, "mask_updates_stop_step": stop if grow else None}
 
@@ -111,15 +119,30 @@ def format_table(cost: dict) -> str:
     lines.append(
         f"{'train_steps':<30} {_fmt(cost['train_steps'], ',')}  (convention: {cost['flops_convention']})"
     )
+    bands = cost.get("timestep_bands")
+    for band in bands["bands"] if bands else []:
+        lines.append(
+            f"band t in [{band['t_range'][0]}, {band['t_range'][1]}): sparsity {band['sparsity']}, "
+            f"{band['params_active']:,} active, forward {band['flops_forward_ratio']:.4f} of dense, "
+            f"{band['sampling_steps']} sampling steps"
+        )
+    if bands:
+        lines.append(
+            f"{'equal_sampling_flops_sparsity':<30} {bands['equal_sampling_flops_sparsity']:>16.4f}"
+            "  (the single mask with the same average sampling FLOPs)"
+        )
     return "\n".join(lines)
 
 
 def mask_bytes(cfg: DictConfig, net: torch.nn.Module) -> int:
-    """Bytes of the boolean masks the engine will attach (none for dense)."""
+    """Bytes of the boolean masks the engine will attach (none for dense; with timestep bands, the
+    union plus one mask per band)."""
     if cfg.method.name == "dense":
         return 0
     masks = find_prunable(net, cfg.method.include, cfg.method.exclude)
-    return sum(w.param.numel() for w in masks) * torch.empty(0, dtype=torch.bool).element_size()
+    bands = timestep_bands(cfg)
+    per_weight = 1 if bands is None else 1 + bands.num_bands
+    return per_weight * sum(w.param.numel() for w in masks) * torch.empty(0, dtype=torch.bool).element_size()
 
 
 def compute_resources(cfg: DictConfig, module: torch.nn.Module) -> dict:

@@ -7,6 +7,8 @@ other tensor of the denoiser is stored dense, with the model config needed to re
 inside a mask are kept even when their value is 0 (freshly regrown weights), so masks and masked
 weights load back bit-identically. The file is a plain `torch.save` of tensors and containers:
 `torch.load(weights_only=True)` reads it without Lightning and without executing anything.
+Runs with timestep-band masks also store which bands use each active position (sparse_dm.band_export);
+the loaded module samples with the same per-timestep masks.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from sparse_dm.band_export import EXTRA_KEY as BANDS_KEY
+from sparse_dm.band_export import attach_bands, bands_extra
 from sparse_dm.lightning.diffusion_module import SAMPLING_WEIGHTS
 from sparse_dm.sparsity.masks import MASK_SUFFIX, PrunableWeight, register_masks
+from sparse_dm.sparsity.timestep_bands import BAND_MASKS_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,7 @@ def pack_net(net: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
     names = masked_names(net)
     sparse = {name: encode_masked(state[name], state[name + MASK_SUFFIX]) for name in names}
     skip = set(names) | {name + MASK_SUFFIX for name in names}
+    skip |= {name for name in state if name.endswith(BAND_MASKS_SUFFIX)}  # stored by bands_extra
     dense = {name: value.clone() for name, value in state.items() if name not in skip}
     return sparse, dense
 
@@ -105,7 +111,7 @@ def write_sdm(module: Any, model_cfg: dict[str, Any], weights: str, step: int | 
             sparse, dense = pack_net(module.net)
     else:
         sparse, dense = pack_net(module.net)
-    extra = {}
+    extra = bands_extra(module)
     length_pool = getattr(module, "length_pool", None)
     if length_pool is not None:
         extra["length_pool"] = length_pool.cpu().clone()
@@ -152,6 +158,8 @@ def module_from_sdm(payload: dict[str, Any]) -> Any:
     """The DiffusionModule (for its samplers and renderers) around the exported denoiser."""
     module = instantiate(payload["model"], _convert_="all")
     module.net = net_from_sdm(payload)
+    if BANDS_KEY in payload["extra"]:
+        module.timestep_bands = attach_bands(module.net, payload["extra"][BANDS_KEY])
     module.ema = type(module.ema)(module.net, decay=0.0)  # sampling's EMA swap: the exported weights
     if "length_pool" in payload["extra"] and hasattr(module, "set_length_pool"):
         module.set_length_pool(payload["extra"]["length_pool"])

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm.sparsity.engine import SparseEngine
 from sparse_dm.sparsity.masks import find_prunable
@@ -21,9 +21,8 @@ def _to_float(value: Any) -> float:
 def layer_records(net: torch.nn.Module, engine: SparseEngine | None) -> list[dict]:
     """Final per-layer counts: nnz from the masks, nonzero from the values (dense runs: all active)."""
     if engine is not None:
-        return [
-            {k: s[k] for k in ("name", "numel", "nnz", "target_nnz", "nonzero")} for s in engine.layer_stats()
-        ]
+        keys = ("name", "numel", "nnz", "target_nnz", "nonzero", "band_nnz", "band_target_nnz")
+        return [{k: s[k] for k in keys if k in s} for s in engine.layer_stats()]
     return [
         {
             "name": w.name,
@@ -34,6 +33,17 @@ def layer_records(net: torch.nn.Module, engine: SparseEngine | None) -> list[dic
         }
         for w in find_prunable(net)
     ]
+
+
+def method_label(cfg: DictConfig) -> str:
+    """The method as reports group it: the paper's name, plus `+tbands` (method.timestep_bands) and
+    `+adaptive` (method.adaptive), so those variants never pool with the paper's method."""
+    label = cfg.method.name
+    if OmegaConf.select(cfg, "method.timestep_bands") is not None:
+        label += "+tbands"
+    if OmegaConf.select(cfg, "method.adaptive") is not None:
+        label += "+adaptive"
+    return label
 
 
 def build_summary(
@@ -50,7 +60,8 @@ def build_summary(
     summary = {
         "model": cfg.model.name,
         "dataset": cfg.dataset.name,
-        "method": cfg.method.name,
+        "method": method_label(cfg),
+        "timestep_bands": None,  # replaced by the cost's per-band figures for timestep-band runs
         "sparsity": float(cfg.sparsity),
         "prune_rate": float(cfg.prune_rate),
         "update_interval": int(cfg.update_interval),
@@ -60,6 +71,8 @@ def build_summary(
         "mask_updates": engine.num_updates if engine else 0,
         "mask_updates_skipped": engine.skipped_updates if engine else 0,
         "exploration_rate": engine.exploration_rate() if engine else 1.0,
+        # method.adaptive: the p of every mask update ({step, prune_rate, loss_decrease})
+        "prune_rate_effective": engine.adaptive.history if engine and engine.adaptive else None,
         "metrics": {k: (v if math.isfinite(v) else None) for k, v in finite.items()},
         "samples": samples,
         "checkpoints": checkpoints,  # [{path, step}], newest first

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm import config, preflight
+from sparse_dm.band_cost import timestep_bands
 from sparse_dm.cost import active_counts, compute_cost
 from sparse_dm.lightning.checkpointing import (
     AtomicCheckpointIO,
@@ -54,11 +55,17 @@ def check_sparsity_budget(cfg: DictConfig) -> None:
         return
     with torch.device("meta"):
         net = instantiate(cfg.model.net, _convert_="all")
-    counts = active_counts(cfg, net)
-    try:
-        check_layer_budget(list(counts), list(counts.values()))
-    except EmptyLayerError as err:
-        raise config.ConfigError(f"invalid config: sparsity={cfg.sparsity}: {err}") from err
+    bands = timestep_bands(cfg)
+    for key, sparsity in (
+        [("sparsity", float(cfg.sparsity))]
+        if bands is None
+        else [(f"method.timestep_bands.sparsities[{k}]", s) for k, s in enumerate(bands.sparsities)]
+    ):
+        counts = active_counts(cfg, net, sparsity)
+        try:
+            check_layer_budget(list(counts), list(counts.values()))
+        except EmptyLayerError as err:
+            raise config.ConfigError(f"invalid config: {key}={sparsity}: {err}") from err
 
 
 def build_run(cfg: DictConfig) -> tuple[DiffusionModule, L.LightningDataModule, SparseEngine | None]:
@@ -73,9 +80,9 @@ def build_run(cfg: DictConfig) -> tuple[DiffusionModule, L.LightningDataModule, 
     datamodule = instantiate(cfg.dataset, _convert_="all")
     module: DiffusionModule = instantiate(cfg.model, _convert_="all")
     engine: SparseEngine | None = None
-    if cfg.method.name != "dense":  # conf/method/*: a partial of SparseEngine, completed with the net
+    if cfg.method.name != "dense":  # conf/method/*: a partial of sparsity.factory.build_engine
         engine = instantiate(cfg.method, _convert_="all")(module.net)
-        module.attach_engine(engine)
+        module.attach_engine(engine)  # a banded engine's router also becomes the denoiser call
     module.ema.remask(module.net)
     return module, datamodule, engine
 

@@ -1,6 +1,7 @@
-"""Objects come from config via hydra.utils.instantiate: the sparsity method (a SparseEngine partial
-fed by the top-level S/p/Te/seed), the optimizer and LR schedule (partials the module calls), and
-checkpoints keep only their plain config (torch.load(weights_only=True))."""
+"""Objects come from config via hydra.utils.instantiate: the sparsity method (a partial of
+sparsity.factory.build_engine fed by the top-level S/p/Te/seed and the diffusion's T), the
+optimizer and LR schedule (partials the module calls), and checkpoints keep only their plain
+config (torch.load(weights_only=True))."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from hydra.utils import instantiate
 from run_config import compose_config
 from toy_diffusion import MODULE_KWARGS, ToyData, ToyModule, ToyNet
 
-from sparse_dm.sparsity import SparseEngine
+from sparse_dm.sparsity import AdaptivePruneRate, BandedSparseEngine, SparseEngine, TimestepBands
+from sparse_dm.sparsity.factory import build_engine
 
 LR = MODULE_KWARGS["optimizer"].keywords["lr"]
 
@@ -24,8 +26,9 @@ def test_method_partial_takes_s_p_te_and_seed_from_the_top_level(tmp_path, metho
         tmp_path, [f"method={method}", "sparsity=0.8", "prune_rate=0.1", "update_interval=7", "seed=3"]
     )
     build = instantiate(cfg.method, _convert_="all")
-    assert isinstance(build, functools.partial) and build.func is SparseEngine
+    assert isinstance(build, functools.partial) and build.func is build_engine
     engine = build(ToyNet())
+    assert type(engine) is SparseEngine and engine.adaptive is None  # null bands/adaptive: one mask
     assert (engine.sparsity, engine.schedule.prune_rate, engine.schedule.interval, engine.seed) == (
         0.8,
         0.1,
@@ -33,6 +36,22 @@ def test_method_partial_takes_s_p_te_and_seed_from_the_top_level(tmp_path, metho
         3,
     )
     assert engine.name == method and engine.dynamic == (method != "static")
+
+
+def test_method_partial_builds_timestep_bands_and_adaptive_p_from_their_keys(tmp_path):
+    cfg = compose_config(
+        tmp_path,
+        [
+            "method=rigl",
+            "sparsity=0.8",
+            "method.timestep_bands={boundaries:[300],sparsities:[0.7,0.9]}",
+            "method.adaptive={loss_ema_decay:0.9,min_prune_rate:0.1}",
+        ],
+    )
+    engine = instantiate(cfg.method, _convert_="all")(ToyNet())
+    bands = TimestepBands((300,), (0.7, 0.9), int(cfg.model.diffusion.num_timesteps))
+    assert isinstance(engine, BandedSparseEngine) and engine.bands == bands
+    assert isinstance(engine.adaptive, AdaptivePruneRate) and engine.adaptive.min_rate == 0.1
 
 
 def test_optimizer_and_schedule_partials_from_the_model_config(tmp_path):

@@ -50,6 +50,11 @@ def values(jobs: list[list[str]], key: str) -> set[str]:
 EVAL_SWEEPS = {"table8_ddim_steps"}  # sweeps of sparse_dm.evaluate, not of training
 STUDY = "study_kanjivg_cpu"  # arms are study_arm/ files, not method x S grids (issue 13)
 STUDY_GPU = "study_kanjivg_gpu"  # the same arms, longer, on a GPU
+STUDY_SWEEPS = {  # arms (study_arm/) x 3 seeds
+    STUDY: 27,
+    STUDY_GPU: 27,
+    "study_tsteps_kanjivg_cpu": 12,
+}
 STUDY_ARMS = {  # study_arm -> (method, S, p)
     "dense": ("dense", 0.0, 0.5),
     "static_s50": ("static", 0.5, 0.5),
@@ -63,10 +68,6 @@ STUDY_ARMS = {  # study_arm -> (method, S, p)
 }
 PAPER_TE, PAPER_STEPS = 800, 48_600  # ChiroDiff KanjiVG: 600 epochs x ceil(10,358 / 128) steps
 STUDY_STEPS, STUDY_TE = 1000, 16  # Te = round(800 x 1000 / 48,600): the paper's Te scaled to the run
-
-
-def test_every_sweep_file_is_covered():
-    assert {p.stem for p in SWEEPS.glob("*.yaml")} == set(EXPECTED) | EVAL_SWEEPS | {STUDY, STUDY_GPU}
 
 
 def test_study_sweep_runs_every_arm_with_every_seed(hydra_ctx):
@@ -94,6 +95,39 @@ def test_gpu_study_is_the_cpu_study_longer_with_te_scaled_the_same_way(hydra_ctx
         assert gpu.trainer.accelerator == "gpu" and gpu.trainer.check_val_every_n_epoch is None
         assert gpu.model == cpu.model and gpu.method.name == cpu.method.name
         assert (gpu.sparsity, gpu.prune_rate) == (cpu.sparsity, cpu.prune_rate)
+
+
+def test_every_sweep_file_is_covered():
+    assert {p.stem for p in SWEEPS.glob("*.yaml")} == set(EXPECTED) | EVAL_SWEEPS | set(STUDY_SWEEPS)
+
+
+def composed(name: str, job: list[str]) -> dict:
+    cfg = compose(name, overrides=[SEARCH, *job])
+    config.validate(cfg)
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+@pytest.mark.parametrize("name", sorted(STUDY_SWEEPS))
+def test_study_sweeps_validate_and_share_the_single_mask_arm(hydra_ctx, name):
+    _, jobs = expand(name)
+    assert len(jobs) == STUDY_SWEEPS[name] and {int(v) for v in values(jobs, "seed")} == SEEDS
+    for job in jobs:
+        composed(name, job)
+
+
+def test_timestep_band_study_reuses_the_single_mask_arm(hydra_ctx):
+    # The timestep-band study's single-mask arm is the paper-findings study's rigl_s90 run for run.
+    assert composed("study_tsteps_kanjivg_cpu", ["study_arm=rigl_s90", "seed=1"]) == composed(
+        "study_kanjivg_cpu", ["study_arm=rigl_s90", "seed=1"]
+    )
+    bands = compose("study_tsteps_kanjivg_cpu", overrides=[SEARCH, "study_arm=rigl_s90_tbands_adaptive"])
+    assert (
+        bands.method.timestep_bands.sparsities == [0.85, 0.95]
+        and bands.method.adaptive.min_prune_rate == 0.05
+    )
+    assert (
+        bands.trainer.max_steps == 1000 and bands.update_interval == 16 and bands.method.end_fraction is None
+    )
 
 
 def test_table8_sweeps_ddim_steps_per_checkpoint(hydra_ctx):

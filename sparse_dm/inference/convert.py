@@ -121,6 +121,11 @@ def install_inference_form(
     the module then samples with its own net (`sampling.weights` becomes 'raw')."""
     if weights not in SAMPLING_WEIGHTS:
         raise ValueError(f"weights must be one of {SAMPLING_WEIGHTS}, got {weights!r}")
+    if getattr(module, "timestep_bands", None) is not None:
+        raise ValueError(
+            "the sparse inference form holds one mask per weight; this model has timestep-band masks "
+            "(method.timestep_bands): use backend=dense"
+        )
     device = next(module.net.parameters()).device
     if device.type != "cpu":
         raise ValueError(

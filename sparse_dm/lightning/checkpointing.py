@@ -38,6 +38,8 @@ FINGERPRINT_KEYS = (
     "method.distribution",
     "method.include",
     "method.exclude",
+    "method.timestep_bands",
+    "method.adaptive",
 )
 
 

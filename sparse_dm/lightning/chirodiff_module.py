@@ -95,7 +95,7 @@ class ChiroDiffModule(DiffusionModule):
         )
 
     def predict_eps(self, x_t: Tensor, t: Tensor, batch: DiffusionBatch) -> Tensor:
-        return self.net(x_t, t, batch.extra["lengths"], batch.cond)
+        return self.denoiser(x_t, t, batch.extra["lengths"], batch.cond)
 
     def draw_lengths(self, num_samples: int, generator: torch.Generator) -> Tensor:
         if len(self.length_pool) == 0:
@@ -132,7 +132,7 @@ class ChiroDiffModule(DiffusionModule):
         x_T = torch.randn((num_samples, int(lengths.max()), DATA_CHANNELS), generator=generator)
 
         def eps_fn(x: Tensor, t: Tensor) -> Tensor:
-            return self.net(x, t, lengths, cond)
+            return self.denoiser(x, t, lengths, cond)
 
         x0 = self.sample_with(eps_fn, x_T.to(self.device), generator, **overrides).cpu()
         return [x0[i, :n] for i, n in enumerate(lengths.tolist())]

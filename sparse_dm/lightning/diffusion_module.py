@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_dm.diffusion import NoiseSchedule, masked_mse, sample
+from sparse_dm.sparsity.banded_engine import BandedSparseEngine
 from sparse_dm.sparsity.ema import MaskedEMA
 from sparse_dm.sparsity.engine import SparseEngine
 from sparse_dm.sparsity.step import SparseStep
@@ -99,6 +100,10 @@ class DiffusionModule(L.LightningModule):
         self.output_dir: Path | None = None
         self.sample_paths: list[str] = []
         self.last_validated_step = -1
+        # Set by attach_engine for runs with method.timestep_bands: calls the net with each
+        # sample's band mask (sparsity.timestep_bands.BandRouter). None: the plain net.
+        self.timestep_bands: Callable[..., Tensor] | None = None
+        self._step_loss: Tensor | None = None  # the last training_step's loss
 
     # ----- family-specific hooks -------------------------------------------------------------
     def prepare_batch(self, batch: Any) -> DiffusionBatch:
@@ -117,6 +122,12 @@ class DiffusionModule(L.LightningModule):
         raise NotImplementedError
 
     # ----- shared machinery ------------------------------------------------------------------
+    @property
+    def denoiser(self) -> Callable[..., Tensor]:
+        """What families call instead of `self.net(x_t, t, ...)`: the net itself, or the net routed
+        through the timestep-band masks."""
+        return self.net if self.timestep_bands is None else self.timestep_bands
+
     @contextmanager
     def ema_weights(self) -> Iterator[nn.Module]:
         """Run self.net with the (masked) EMA weights inside the block."""
@@ -153,11 +164,14 @@ class DiffusionModule(L.LightningModule):
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device)
         loss = self.diffusion_loss(data, t, torch.randn_like(x0))
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        self._step_loss = loss.detach()  # for the adaptive prune rate (SparseStep.after_step)
         return loss
 
     def attach_engine(self, engine: SparseEngine) -> None:
-        """Train sparse: the engine's masks are on `self.net`; `SparseStep` drives it."""
+        """Train sparse: the engine's masks are on `self.net`; `SparseStep` drives it. A banded
+        engine's router becomes the denoiser call (each sample runs with its band's mask)."""
         self.sparse_step.engine = engine
+        self.timestep_bands = engine.router if isinstance(engine, BandedSparseEngine) else None
 
     def on_train_start(self) -> None:
         """Tell the engine the run length (updates stop at method.end_fraction, never on the last step)."""
@@ -166,7 +180,8 @@ class DiffusionModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Gradients are final here (accumulated, AMP-unscaled) and Lightning clips right after."""
-        self.sparse_step.before_step()
+        reduce = self.trainer.strategy.reduce if self.trainer.world_size > 1 else None
+        self.sparse_step.before_step(reduce)
 
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
@@ -180,7 +195,9 @@ class DiffusionModule(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         skipped = scale is not None and float(scaler.get_scale()) < scale
         gather = self.trainer.strategy.all_gather if self.trainer.world_size > 1 else None
-        self.sparse_step.after_step(getattr(optimizer, "optimizer", optimizer), skipped, gather)
+        self.sparse_step.after_step(
+            getattr(optimizer, "optimizer", optimizer), skipped, gather, self._step_loss
+        )
 
     def _fixed_noise(self, x0: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
         """Timesteps and noise that depend only on (validation.seed, batch index)."""

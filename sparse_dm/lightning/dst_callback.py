@@ -15,8 +15,9 @@ from sparse_dm.sparsity.engine import SparseEngine, UpdateReport
 
 
 class DSTCallback(L.Callback):
-    """Keeps a SparseEngine's counters in checkpoints; logs each mask update (per-layer density,
-    exploration rate, skipped updates) to every logger of the Trainer."""
+    """Keeps a SparseEngine's counters in checkpoints (with timestep bands and an adaptive prune
+    rate: their state too); logs each mask update (per-layer density, exploration rate, skipped
+    updates, the effective prune rate under method.adaptive) to every logger of the Trainer."""
 
     def __init__(self, engine: SparseEngine, log_layers: bool = True) -> None:
         self.engine = engine
@@ -52,6 +53,8 @@ class DSTCallback(L.Callback):
             "sparsity/drop_fraction": report.drop_fraction,
             "sparsity/replaced": float(sum(layer.grown for layer in report.layers)),
         }
+        if self.engine.adaptive is not None:
+            metrics["sparsity/prune_rate_effective"] = report.drop_fraction
         if self.log_layers:
             for stats in self.engine.layer_stats():
                 metrics[f"density/{stats['name']}"] = stats["density"]

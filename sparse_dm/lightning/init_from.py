@@ -16,6 +16,7 @@ from sparse_dm.lightning.checkpointing import FINGERPRINT_KEY, config_difference
 from sparse_dm.lightning.diffusion_module import DiffusionModule
 from sparse_dm.sparsity.engine import SparseEngine
 from sparse_dm.sparsity.masks import MASK_SUFFIX, apply_masks
+from sparse_dm.sparsity.timestep_bands import BAND_MASKS_SUFFIX
 
 NET_PREFIX = "net."
 MODEL_KEYS = ("model.name", "model.net")
@@ -26,7 +27,7 @@ def net_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {
         key[len(NET_PREFIX) :]: value
         for key, value in checkpoint["state_dict"].items()
-        if key.startswith(NET_PREFIX) and not key.endswith(MASK_SUFFIX)
+        if key.startswith(NET_PREFIX) and not key.endswith((MASK_SUFFIX, BAND_MASKS_SUFFIX))
     }
 
 
@@ -47,7 +48,7 @@ def init_from_checkpoint(
     """Load the weights, zero them outside this run's masks, and restart the EMA from them."""
     weights = net_weights(checkpoint)
     missing, unexpected = module.net.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith(MASK_SUFFIX)]
+    missing = [k for k in missing if not k.endswith((MASK_SUFFIX, BAND_MASKS_SUFFIX))]
     if missing or unexpected:
         raise ValueError(
             f"init_from: weights do not fit the model (missing {missing}, unexpected {unexpected})"

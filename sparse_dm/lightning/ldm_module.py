@@ -206,18 +206,20 @@ class LatentDiffusionModule(ImageFidSource, DiffusionModule):
         return DiffusionBatch(x0=x0, cond=cond)
 
     def predict_eps(self, x_t: Tensor, t: Tensor, batch: DiffusionBatch) -> Tensor:
-        return self.net(x_t, t, batch.cond) if batch.cond is not None else self.net(x_t, t)
+        return self.denoiser(x_t, t, batch.cond) if batch.cond is not None else self.denoiser(x_t, t)
 
     def guided_eps_fn(self, labels: Tensor | None, guidance_scale: float):
         """eps(x_t, t) for the sampler; classifier-free guidance when scale != 1 (1 = conditional model)."""
         if labels is None:
-            return lambda x, t: self.net(x, t)
+            return lambda x, t: self.denoiser(x, t)
         if guidance_scale == 1.0:
-            return lambda x, t: self.net(x, t, labels)
+            return lambda x, t: self.denoiser(x, t, labels)
         null = torch.full_like(labels, self.net.null_label)
 
         def eps_fn(x: Tensor, t: Tensor) -> Tensor:
-            eps_c, eps_u = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+            eps_c, eps_u = self.denoiser(
+                torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])
+            ).chunk(2)
             return eps_u + guidance_scale * (eps_c - eps_u)
 
         return eps_fn

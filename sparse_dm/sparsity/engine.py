@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from sparse_dm.sparsity import criteria
+from sparse_dm.sparsity.adaptive import AdaptivePruneRate
 from sparse_dm.sparsity.distributions import layer_counts
 from sparse_dm.sparsity.explorer import LayerUpdate, explore, reset_optimizer_state, update_generator
 from sparse_dm.sparsity.masks import (
@@ -76,6 +77,11 @@ def frozen_layers(
     ]
 
 
+def check_grad_ema_beta(beta: float) -> None:
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0.0 <= beta < 1.0:
+        raise ValueError(f"method.grad_ema_beta={beta!r}; allowed: a number in [0, 1)")
+
+
 class SparseEngine:
     """Owns the masks of one model: init (uniform/ER/ERK, exact counts), gradient masking,
     re-masking after each optimizer step, and periodic prune/grow (dynamic methods only).
@@ -100,10 +106,11 @@ class SparseEngine:
         exclude: Sequence[str] = (),
         grad_ema_beta: float = 0.9,
         name: str = "sparse",
+        adaptive: AdaptivePruneRate | None = None,
     ) -> None:
-        if not 0.0 <= grad_ema_beta < 1.0:
-            raise ValueError(f"method.grad_ema_beta={grad_ema_beta!r}; allowed: a number in [0, 1)")
+        check_grad_ema_beta(grad_ema_beta)
         self.name = name
+        self.adaptive = adaptive
         self.weights: list[PrunableWeight] = find_prunable(model, include, exclude)
         self.prune = criteria.get(criteria.PRUNE_CRITERIA, prune, "method.prune")
         self.grow = criteria.get(criteria.GROW_CRITERIA, grow, "method.grow") if grow else None
@@ -149,6 +156,25 @@ class SparseEngine:
     @property
     def dynamic(self) -> bool:
         return self.grow is not None
+
+    def observe_loss(self, loss: float) -> None:
+        """The training loss of one optimizer step (the signal of `method.adaptive`; else unused)."""
+        if self.adaptive is not None:
+            self.adaptive.observe(loss)
+
+    def drop_fraction(self, step: int) -> float:
+        """p of the update at `step`: the schedule's, scaled by the adaptive rule if configured."""
+        scheduled = self.schedule.drop_fraction(step)
+        return scheduled if self.adaptive is None else self.adaptive.rate(step, scheduled)
+
+    @property
+    def checked_masks(self) -> Sequence[PrunableWeight]:
+        """The masks data-parallel ranks must agree on."""
+        return self.weights
+
+    def reduce_across_ranks(self, reduce: Callable[..., Tensor]) -> None:
+        """Data parallelism, after `before_step`: agree on what growth scores beyond the parameter
+        gradients (DDP already averages those). One mask needs nothing; see BandedSparseEngine."""
 
     def update_due(self, step: int) -> bool:
         return self.dynamic and self.schedule.is_update_step(step)
@@ -229,7 +255,7 @@ class SparseEngine:
         if not self.update_due(self.step):
             return None
         assert self.grow is not None
-        drop = self.schedule.drop_fraction(self.step)
+        drop = self.drop_fraction(self.step)
         reason = self._skip_reason(step_skipped)
         self._nonfinite_grads = self._missing_grads = False
         if reason is not None:
@@ -293,6 +319,7 @@ class SparseEngine:
             "num_updates": self.num_updates,
             "skipped_updates": self.skipped_updates,
             "ever_active": [m.cpu() for m in self.ever_active],
+            **({"adaptive": self.adaptive.state_dict()} if self.adaptive is not None else {}),
         }
         if self.grad_ema is not None:
             state["grad_ema"] = [m.cpu() for m in self.grad_ema]
@@ -324,3 +351,9 @@ class SparseEngine:
                 )
             for average, saved in zip(self.grad_ema, state["grad_ema"], strict=True):
                 average.copy_(saved)
+        if self.adaptive is not None:
+            if "adaptive" not in state:
+                raise ValueError(
+                    "the checkpoint has no adaptive prune-rate state; resume with method.adaptive=null"
+                )
+            self.adaptive.load_state_dict(state["adaptive"])

@@ -1,0 +1,298 @@
+"""BandedSparseEngine: SparseEngine with one mask per timestep band over each shared weight.
+
+Same call protocol as SparseEngine (before_step, then remask + explore_if_due after the optimizer
+step; `SparseStep` orders them, with `reduce_across_ranks` under data parallelism). Per band k
+and layer: exact counts nnz(m_k) == target_k after every step; magnitude pruning scores W restricted
+to m_k; gradient growth scores the dense gradient dL/d(W * m_k) of band k's own samples (captured by
+the `BandRouter` during the update step's backward); random growth draws from one generator per
+update. The ordinary mask is the union of the band masks: weights active in no band are zero, and
+the optimizer state is reset where the union changed (positions that left every band, or joined
+the first one). A position pruned from one band but still used by another keeps its value and
+state; a position grown into a band that another band already uses starts from the shared value.
+Under AMP the captured band gradients carry the loss scale (hooks run before unscaling): growth
+ranks positions within a band, which one common factor does not change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from sparse_dm.sparsity import criteria
+from sparse_dm.sparsity.adaptive import AdaptivePruneRate
+from sparse_dm.sparsity.criteria import ScoreContext, top_k_mask
+from sparse_dm.sparsity.distributions import layer_counts
+from sparse_dm.sparsity.engine import (
+    INIT_UPDATE_INDEX,
+    SparseEngine,
+    UpdateReport,
+    check_grad_ema_beta,
+    check_layer_budget,
+    frozen_layers,
+)
+from sparse_dm.sparsity.explorer import LayerUpdate, reset_optimizer_state, update_generator
+from sparse_dm.sparsity.masks import PrunableWeight, apply_masks, find_prunable, mask_gradients
+from sparse_dm.sparsity.schedule import UpdateSchedule
+from sparse_dm.sparsity.timestep_bands import (
+    BandRouter,
+    TimestepBands,
+    band_masks,
+    random_band_masks,
+    register_band_masks,
+    sync_union,
+)
+
+log = logging.getLogger(__name__)
+
+
+def check_band_growth(grow: str | None) -> None:
+    """Band growth scores each band's own captured gradient (or draws at random); a running
+    average of gradients per band (grow: momentum) is not kept."""
+    if grow is not None and criteria.get(criteria.GROW_CRITERIA, grow, "method.grow").needs_grad_ema:
+        allowed = sorted(name for name, c in criteria.GROW_CRITERIA.items() if not c.needs_grad_ema)
+        raise ValueError(
+            f"method.grow={grow!r} with method.timestep_bands; allowed: one of {allowed} or null"
+        )
+
+
+@dataclass(frozen=True)
+class BandMaskView:
+    """One band's mask of one layer, shaped like a PrunableWeight for the cross-rank checksum."""
+
+    name: str
+    mask: Tensor
+
+
+class BandedSparseEngine(SparseEngine):
+    """K masks per prunable weight, one per `TimestepBands` band. `router` runs the denoiser with
+    each sample's band mask (install it as the module's denoiser call)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        bands: TimestepBands,
+        distribution: str = "erk",
+        prune: str = "magnitude",
+        grow: str | None = None,
+        prune_rate: float = 0.5,
+        update_interval: int = 100,
+        schedule: str = "constant",
+        end_step: int | None = None,
+        end_fraction: float | None = None,
+        seed: int = 0,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        grad_ema_beta: float = 0.9,
+        name: str = "sparse",
+        adaptive: AdaptivePruneRate | None = None,
+    ) -> None:
+        check_grad_ema_beta(grad_ema_beta)
+        check_band_growth(grow)
+        self.name = name
+        self.adaptive = adaptive
+        self.bands = bands
+        self.weights: list[PrunableWeight] = find_prunable(model, include, exclude)
+        self.prune = criteria.get(criteria.PRUNE_CRITERIA, prune, "method.prune")
+        self.grow = criteria.get(criteria.GROW_CRITERIA, grow, "method.grow") if grow else None
+        self.schedule = UpdateSchedule(update_interval, prune_rate, schedule, end_step, end_fraction)
+        self.seed = seed
+        shapes = [tuple(w.param.shape) for w in self.weights]
+        names = [w.name for w in self.weights]
+        numels = [w.param.numel() for w in self.weights]
+        self.band_targets = [layer_counts(shapes, s, distribution) for s in bands.sparsities]
+        for counts in self.band_targets:
+            check_layer_budget(names, counts)
+            if self.grow is not None and (stuck := frozen_layers(names, counts, numels, prune_rate)):
+                log.warning("prune_rate=%s replaces no weight in layer(s) %s", prune_rate, ", ".join(stuck))
+        generator = update_generator(seed, INIT_UPDATE_INDEX)
+        register_band_masks(self.weights, random_band_masks(self.weights, self.band_targets, generator))
+        self.router = BandRouter(model, self.weights, bands)
+        self.step = 0
+        self.num_updates = 0
+        self.skipped_updates = 0
+        self.ever_active: list[Tensor] = [w.mask.clone() for w in self.weights]
+        self._band_grads: list[list[Tensor]] | None = None
+        self._band_samples: list[int] | None = None
+        self._dense_grads = None  # growth scores the captured band gradients instead
+        self._nonfinite_grads = False
+        self._missing_grads = False
+        self.grad_ema_beta = grad_ema_beta
+        self.grad_ema = None  # check_band_growth refuses the criteria that need it
+        self.last_report: UpdateReport | None = None
+        self._arm_capture()
+
+    @property
+    def needs_band_grads(self) -> bool:
+        return self.grow is not None and self.grow.needs_grad
+
+    def _arm_capture(self) -> None:
+        """Capture per-band dense gradients during the next step's backward iff it is an update step."""
+        if self.needs_band_grads and self.update_due(self.step + 1):
+            self.router.begin_capture()
+        else:
+            self.router.end_capture()
+
+    def set_total_steps(self, total_steps: int) -> None:
+        self.schedule = replace(self.schedule, total_steps=int(total_steps))
+        self._arm_capture()
+
+    @property
+    def checked_masks(self) -> Sequence[BandMaskView]:
+        return [
+            BandMaskView(f"{w.name}[band {k}]", band_masks(w)[k])
+            for w in self.weights
+            for k in range(self.bands.num_bands)
+        ]
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """At an update step, take the per-band dense gradients captured during backward (and note
+        non-finite gradients); always zero the gradients of weights active in no band."""
+        if self.update_due(self.step + 1):
+            grads = [w.param.grad for w in self.weights if w.param.grad is not None]
+            self._missing_grads = not grads
+            if self.needs_band_grads and self.router.capturing:
+                self._band_grads, self._band_samples = self.router.end_capture()
+                grads += [g for band in self._band_grads for g in band]
+            self._nonfinite_grads = bool(grads) and not bool(
+                torch.stack([torch.isfinite(g).all() for g in grads]).all()
+            )
+        mask_gradients(self.weights)
+
+    @torch.no_grad()
+    def reduce_across_ranks(self, reduce: Callable[..., Tensor]) -> None:
+        """Data parallelism: average the captured band gradients over ranks (as DDP averages
+        parameter gradients) and sum the sample counts, so every rank grows the same positions.
+        `reduce(tensor, reduce_op=...)` is e.g. Lightning's `trainer.strategy.reduce`."""
+        if self._band_grads is None or self._band_samples is None:
+            return
+        self._band_grads = [[reduce(g, reduce_op="mean") for g in band] for band in self._band_grads]
+        counts = torch.tensor(self._band_samples, dtype=torch.long, device=self.weights[0].param.device)
+        self._band_samples = [int(c) for c in reduce(counts, reduce_op="sum")]
+
+    @torch.no_grad()
+    def remask(self) -> None:
+        """Count the step, zero the weights active in no band, and arm the gradient capture of the
+        next step's backward if that one is an update step."""
+        self.step += 1
+        apply_masks(self.weights)
+        self._arm_capture()
+
+    @torch.no_grad()
+    def explore_if_due(
+        self, optimizer: torch.optim.Optimizer | None = None, step_skipped: bool = False
+    ) -> UpdateReport | None:
+        """On update steps (after `remask`) prune and grow every band (see the module docstring)."""
+        if not self.update_due(self.step):
+            return None
+        assert self.grow is not None
+        drop = self.drop_fraction(self.step)
+        reason = self._skip_reason(step_skipped)
+        grads, samples = self._band_grads, self._band_samples
+        self._band_grads, self._band_samples = None, None
+        self._nonfinite_grads = self._missing_grads = False
+        if reason is not None:
+            self.skipped_updates += 1
+            log.warning("%s mask update at step %d skipped: %s", self.name, self.step, reason)
+            self.last_report = UpdateReport(
+                self.step, self.num_updates, drop, [], self.exploration_rate(), reason
+            )
+            return self.last_report
+        if self.needs_band_grads and (grads is None or samples is None):
+            raise RuntimeError("gradient growth needs before_step() to run before the optimizer step")
+        generator = update_generator(self.seed, self.num_updates)
+        before = [w.mask.clone() for w in self.weights]
+        updates: list[LayerUpdate] = []
+        for band in range(self.bands.num_bands):
+            if samples is not None and samples[band] == 0:
+                log.warning(
+                    "step %d: no sample of timestep band %d in the batch; its masks keep", self.step, band
+                )
+                continue
+            for i, weight in enumerate(self.weights):
+                grad = grads[band][i] if grads is not None else None
+                updates.append(self._explore_band(band, weight, drop, generator, grad, optimizer))
+        sync_union(self.weights)
+        changed = [w.mask ^ old for w, old in zip(self.weights, before, strict=True)]
+        if optimizer is not None:
+            reset_optimizer_state(optimizer, self.weights, changed)
+        for seen, weight in zip(self.ever_active, self.weights, strict=True):
+            seen |= weight.mask.to(seen.device)
+        self.num_updates += 1
+        self.last_report = UpdateReport(
+            self.step, self.num_updates - 1, drop, updates, self.exploration_rate()
+        )
+        return self.last_report
+
+    def _explore_band(
+        self,
+        band: int,
+        weight: PrunableWeight,
+        drop: float,
+        generator: torch.Generator,
+        grad: Tensor | None,
+        optimizer: torch.optim.Optimizer | None,
+    ) -> LayerUpdate:
+        assert self.grow is not None
+        masks = band_masks(weight)
+        mask = masks[band].clone()
+        active = int(mask.sum())
+        replace_count = min(math.floor(drop * active), mask.numel() - active)
+        state = optimizer.state.get(weight.param) if optimizer is not None else None
+        context = ScoreContext(weight.param, mask, self.step, generator, grad, state or None)
+        keep = top_k_mask(self.prune.score(context), mask, active - replace_count)
+        grown = top_k_mask(self.grow.score(context), ~mask, replace_count)
+        pruned, regrown = active - int(keep.sum()), int(grown.sum())
+        if not pruned == regrown == replace_count:
+            raise RuntimeError(
+                f"mask update of {weight.name} band {band} would prune {pruned} and grow {regrown} weights "
+                f"(expected {replace_count} each): its prune or grow scores are not finite"
+            )
+        masks[band] = keep | grown
+        return LayerUpdate(f"{weight.name}[band {band}]", pruned=pruned, grown=regrown)
+
+    def layer_stats(self) -> list[dict]:
+        """Per layer: the union (`nnz`; it has no fixed target, so `target_nnz` is None) and every band's
+        active count and target."""
+        stats = []
+        for i, w in enumerate(self.weights):
+            union = int(w.mask.sum())
+            band_nnz = [int(m.sum()) for m in band_masks(w)]
+            stats.append(
+                {
+                    "name": w.name,
+                    "shape": list(w.param.shape),
+                    "numel": w.param.numel(),
+                    "nnz": union,
+                    "target_nnz": None,
+                    "nonzero": int(torch.count_nonzero(w.param.detach())),
+                    "density": union / w.param.numel(),
+                    "band_nnz": band_nnz,
+                    "band_target_nnz": [targets[i] for targets in self.band_targets],
+                }
+            )
+        return stats
+
+    def check_masks(self) -> None:
+        """Every band mask holds its exact count and the ordinary mask is their union."""
+        for i, weight in enumerate(self.weights):
+            masks = band_masks(weight)
+            for band, targets in enumerate(self.band_targets):
+                nnz = int(masks[band].sum())
+                if nnz != targets[i]:
+                    raise ValueError(
+                        f"{weight.name} band {band}: the mask has {nnz} active weights but "
+                        f"method.timestep_bands.sparsities[{band}]={self.bands.sparsities[band]} implies "
+                        f"{targets[i]}; resume with the run's own config"
+                    )
+            if not torch.equal(weight.mask, masks.any(0)):
+                raise ValueError(f"{weight.name}: its mask is not the union of its timestep-band masks")
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._arm_capture()
