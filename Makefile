@@ -26,7 +26,7 @@ sweep-demo:  ## the CPU demo grid (static/rigl/magran x S x seeds, plus dense) a
 		hydra/launcher=local_parallel hydra.launcher.n_jobs=2 num_threads=1 method=dense sparsity=0
 	$(MAKE) report SWEEP=multirun/demo_cpu_kanjivg
 
-study:  ## issue 13: 9 arms x 3 seeds on KanjiVG (about 80 min on 2 cores), then its report in docs/study
+study:  ## issue 13: 9 arms x 3 seeds on KanjiVG (about 90 min on 2 cores), then its report in docs/study
 	WANDB_MODE=disabled $(PYTHON) -m sparse_dm.train -m --config-dir multirun_sweeps --config-name study_kanjivg_cpu \
 		hydra/launcher=local_parallel hydra.launcher.n_jobs=2 num_threads=1
 	$(PYTHON) -m sparse_dm.report --config-name study sweep_dir=multirun/study_kanjivg_cpu out=docs/study
