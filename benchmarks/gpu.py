@@ -33,7 +33,7 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.nn import functional as F
 
-from benchmarks.suite import ROOT, Trainer, compose_cfg, kanjivg_lengths, median_ratio, paired
+from benchmarks.suite import ROOT, Trainer, compose_cfg, kanjivg_lengths, median_ratio, paired, training_table
 from sparse_dm.diffusion import NoiseSchedule, ddim_sample
 from sparse_dm.models.chirodiff import ChiroDiffNet
 from sparse_dm.sparsity import SparseEngine
@@ -316,19 +316,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
             f"| {r['method']} | {r['precision']} | 0 | {r['mask_updates']} | {r['mask_updates_skipped']} | "
             f"{r['layers_exact']} | {r['values_inside_masks']} | {r['cpu_cuda_max_abs_diff']:.1e} |"
         )
-    lines += [
-        "",
-        "## Training step, sparse (S=0.9, RigL) vs dense",
-        "",
-        "| model | params | dense ms | sparse ms | step overhead | mask update ms | Te | update share |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results["training"]:
-        lines.append(
-            f"| {r['model']} | {r['params']:,} | {r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | "
-            f"{r['step_overhead_pct']:+.2f}% | {r['mask_update_ms']:.1f} | {r['paper_te']} | "
-            f"{r['update_share_pct']:.3f}% |"
-        )
+    lines += ["", *training_table(results["training"], ms_digits=2)]
     lines += [
         "",
         "## DDIM sampling, ChiroDiff KanjiVG on cuDNN: masked weights vs the dense net",

@@ -31,13 +31,11 @@ from sparse_dm.sparsity.engine import (
     INIT_UPDATE_INDEX,
     SparseEngine,
     UpdateReport,
-    check_grad_ema_beta,
     check_layer_budget,
     frozen_layers,
 )
 from sparse_dm.sparsity.explorer import LayerUpdate, reset_optimizer_state, update_generator
-from sparse_dm.sparsity.masks import PrunableWeight, apply_masks, find_prunable, mask_gradients
-from sparse_dm.sparsity.schedule import UpdateSchedule
+from sparse_dm.sparsity.masks import PrunableWeight, apply_masks, mask_gradients
 from sparse_dm.sparsity.timestep_bands import (
     BandRouter,
     TimestepBands,
@@ -91,16 +89,10 @@ class BandedSparseEngine(SparseEngine):
         name: str = "sparse",
         adaptive: AdaptivePruneRate | None = None,
     ) -> None:
-        check_grad_ema_beta(grad_ema_beta)
         check_band_growth(grow)
-        self.name = name
-        self.adaptive = adaptive
+        self._configure(model, prune, grow, prune_rate, update_interval, schedule, end_step, end_fraction,
+                        seed, include, exclude, grad_ema_beta, name, adaptive)  # fmt: skip
         self.bands = bands
-        self.weights: list[PrunableWeight] = find_prunable(model, include, exclude)
-        self.prune = criteria.get(criteria.PRUNE_CRITERIA, prune, "method.prune")
-        self.grow = criteria.get(criteria.GROW_CRITERIA, grow, "method.grow") if grow else None
-        self.schedule = UpdateSchedule(update_interval, prune_rate, schedule, end_step, end_fraction)
-        self.seed = seed
         shapes = [tuple(w.param.shape) for w in self.weights]
         names = [w.name for w in self.weights]
         numels = [w.param.numel() for w in self.weights]
@@ -112,18 +104,10 @@ class BandedSparseEngine(SparseEngine):
         generator = update_generator(seed, INIT_UPDATE_INDEX)
         register_band_masks(self.weights, random_band_masks(self.weights, self.band_targets, generator))
         self.router = BandRouter(model, self.weights, bands)
-        self.step = 0
-        self.num_updates = 0
-        self.skipped_updates = 0
-        self.ever_active: list[Tensor] = [w.mask.clone() for w in self.weights]
+        self._start_counters([w.mask.clone() for w in self.weights])  # growth scores band gradients
         self._band_grads: list[list[Tensor]] | None = None
         self._band_samples: list[int] | None = None
-        self._dense_grads = None  # growth scores the captured band gradients instead
-        self._nonfinite_grads = False
-        self._missing_grads = False
-        self.grad_ema_beta = grad_ema_beta
         self.grad_ema = None  # check_band_growth refuses the criteria that need it
-        self.last_report: UpdateReport | None = None
         self._arm_capture()
 
     @property

@@ -108,14 +108,8 @@ class SparseEngine:
         name: str = "sparse",
         adaptive: AdaptivePruneRate | None = None,
     ) -> None:
-        check_grad_ema_beta(grad_ema_beta)
-        self.name = name
-        self.adaptive = adaptive
-        self.weights: list[PrunableWeight] = find_prunable(model, include, exclude)
-        self.prune = criteria.get(criteria.PRUNE_CRITERIA, prune, "method.prune")
-        self.grow = criteria.get(criteria.GROW_CRITERIA, grow, "method.grow") if grow else None
-        self.schedule = UpdateSchedule(update_interval, prune_rate, schedule, end_step, end_fraction)
-        self.seed = seed
+        self._configure(model, prune, grow, prune_rate, update_interval, schedule, end_step, end_fraction,
+                        seed, include, exclude, grad_ema_beta, name, adaptive)  # fmt: skip
         self.sparsity = sparsity
         self.target_counts = layer_counts(
             [tuple(w.param.shape) for w in self.weights], sparsity, distribution
@@ -137,20 +131,51 @@ class SparseEngine:
             for w, c in zip(self.weights, self.target_counts, strict=True)
         ]
         register_masks(self.weights, masks)
-        self.step = 0
-        self.num_updates = 0
-        self.skipped_updates = 0
-        self.ever_active: list[Tensor] = [m.clone() for m in masks]
-        self._dense_grads: list[Tensor | None] | None = None
-        self._nonfinite_grads = False
-        self._missing_grads = False
-        self.grad_ema_beta = grad_ema_beta
+        self._start_counters([m.clone() for m in masks])
         needs_average = self.grow is not None and self.grow.needs_grad_ema
         self.grad_ema: list[Tensor] | None = (
             [torch.zeros_like(w.param, memory_format=torch.contiguous_format) for w in self.weights]
             if needs_average
             else None
         )
+
+    def _configure(
+        self,
+        model: nn.Module,
+        prune: str,
+        grow: str | None,
+        prune_rate: float,
+        update_interval: int,
+        schedule: str,
+        end_step: int | None,
+        end_fraction: float | None,
+        seed: int,
+        include: Sequence[str] | None,
+        exclude: Sequence[str],
+        grad_ema_beta: float,
+        name: str,
+        adaptive: AdaptivePruneRate | None,
+    ) -> None:
+        """Settings shared by every engine (single-mask and timestep-band): weights, criteria, schedule."""
+        check_grad_ema_beta(grad_ema_beta)
+        self.name = name
+        self.adaptive = adaptive
+        self.weights: list[PrunableWeight] = find_prunable(model, include, exclude)
+        self.prune = criteria.get(criteria.PRUNE_CRITERIA, prune, "method.prune")
+        self.grow = criteria.get(criteria.GROW_CRITERIA, grow, "method.grow") if grow else None
+        self.schedule = UpdateSchedule(update_interval, prune_rate, schedule, end_step, end_fraction)
+        self.seed = seed
+        self.grad_ema_beta = grad_ema_beta
+
+    def _start_counters(self, ever_active: list[Tensor]) -> None:
+        """Step, update and skip counters, exploration history and per-step flags of a fresh run."""
+        self.step = 0
+        self.num_updates = 0
+        self.skipped_updates = 0
+        self.ever_active: list[Tensor] = ever_active
+        self._dense_grads: list[Tensor | None] | None = None
+        self._nonfinite_grads = False
+        self._missing_grads = False
         self.last_report: UpdateReport | None = None
 
     @property
