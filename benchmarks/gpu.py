@@ -79,10 +79,10 @@ def synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:
 
 
 # ----- 1. checks through the real training command -------------------------------------------------
-def start_check(
-    method: str, precision: str, settings: dict, device: torch.device, out: Path
-) -> subprocess.Popen:
-    """Launch one short training run (the checks run side by side: each is mostly start-up time)."""
+def start_check(check: list[str], settings: dict, device: torch.device, out: Path) -> subprocess.Popen:
+    """Launch one short training run (the checks run side by side: each is mostly start-up time).
+    `check` is [method, precision, *extra Hydra overrides]."""
+    method, precision, *extra = check
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     steps, interval = settings["check_steps"], settings["check_interval"]
     cmd = [sys.executable, "-m", "sparse_dm.train", "debug=tiny", f"method={method}", "sparsity=0.9",
@@ -91,15 +91,19 @@ def start_check(
            "model.net.hidden_size=96", "model.net.num_layers=3", "dataset.batch_size=64",
            "dataset.num_train=512",
            f"callbacks.last.every_n_train_steps={steps}", f"paths.output_dir={out}",
-           "trainer.enable_progress_bar=false"]  # fmt: skip
+           "trainer.enable_progress_bar=false", *extra]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
-def finish_check(
-    method: str, precision: str, proc: subprocess.Popen, device: torch.device, out: Path
-) -> dict:
+def finish_check(check: list[str], proc: subprocess.Popen, device: torch.device, out: Path) -> dict:
+    method, precision, *extra = check
     _, stderr = proc.communicate()
-    record: dict[str, Any] = {"method": method, "precision": precision, "returncode": proc.returncode}
+    record: dict[str, Any] = {
+        "method": method,
+        "precision": precision,
+        "overrides": extra,
+        "returncode": proc.returncode,
+    }
     if proc.returncode != 0:
         record["error"] = stderr[-2000:]
         return record
@@ -108,8 +112,12 @@ def finish_check(
     record |= {
         "mask_updates": summary["mask_updates"],
         "mask_updates_skipped": summary["mask_updates_skipped"],
-        "layers_exact": all(r["nnz"] == r["target_nnz"] for r in layers),
+        # timestep-band runs: every band of every layer at its own target too
+        "layers_exact": all(
+            r["nnz"] == r["target_nnz"] and r.get("band_nnz") == r.get("band_target_nnz") for r in layers
+        ),
         "values_inside_masks": all(r["nonzero"] <= r["nnz"] for r in layers),
+        "band_layers": sum(r.get("band_nnz") is not None for r in layers),
         "val_loss": summary["metrics"].get("val/loss"),
         "cpu_cuda_max_abs_diff": cpu_vs_device_output(out / "checkpoints" / "last.ckpt", device),
     }
@@ -117,24 +125,30 @@ def finish_check(
 
 
 def run_checks(settings: dict, device: torch.device, work: Path) -> list[dict]:
-    outs = {(m, p): work / f"{m}_{p}" for m, p in settings["check_methods"]}
-    procs = {key: start_check(*key, settings, device, out) for key, out in outs.items()}
-    return [finish_check(*key, proc, device, outs[key]) for key, proc in procs.items()]
+    outs = [work / f"check_{i}" for i in range(len(settings["check_methods"]))]
+    procs = [
+        start_check(c, settings, device, out) for c, out in zip(settings["check_methods"], outs, strict=True)
+    ]
+    return [
+        finish_check(c, proc, device, out)
+        for c, proc, out in zip(settings["check_methods"], procs, outs, strict=True)
+    ]
 
 
 def cpu_vs_device_output(ckpt: Path, device: torch.device) -> float:
-    """The same checkpoint's net on the CPU and on `device`, one input: the largest output difference."""
+    """The same checkpoint's denoiser (routed by timestep band where the run has bands) on the CPU and on
+    `device`, one input with timesteps in every band: the largest output difference."""
     from sparse_dm.inference.sources import load_module
 
     module, _ = load_module(ckpt)
-    net = module.net.eval()
     generator = torch.Generator().manual_seed(0)
     lengths = torch.tensor([40, 25, 33, 12])
     x = torch.randn(4, 40, 3, generator=generator)
     t = torch.tensor([999, 500, 100, 1])
     with torch.no_grad():
-        cpu = net(x, t, lengths)
-        other = copy.deepcopy(net).to(device)(x.to(device), t.to(device), lengths.to(device)).cpu()
+        cpu = module.denoiser(x, t, lengths)
+        module.to(device)
+        other = module.denoiser(x.to(device), t.to(device), lengths.to(device)).cpu()
     valid = torch.arange(40)[None, :] < lengths[:, None]
     return float((cpu - other).abs()[valid].max())
 
@@ -302,20 +316,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         "",
         f"Device: {results['device']}. Paired in one process, order alternating, medians of ratios.",
         "",
-        "## Checks on the GPU: `sparse_dm.train` runs with mask updates (ChiroDiff 3x96, S=0.9)",
-        "",
-        "| method | precision | rc | updates | skipped | exact nnz | values inside masks "
-        "| CPU vs CUDA max diff |",
-        "|---|---|---|---|---|---|---|---|",
+        *checks_table(results["checks"]),
     ]
-    for r in results["checks"]:
-        if r["returncode"] != 0:
-            lines.append(f"| {r['method']} | {r['precision']} | {r['returncode']} | failed | | | | |")
-            continue
-        lines.append(
-            f"| {r['method']} | {r['precision']} | 0 | {r['mask_updates']} | {r['mask_updates_skipped']} | "
-            f"{r['layers_exact']} | {r['values_inside_masks']} | {r['cpu_cuda_max_abs_diff']:.1e} |"
-        )
     lines += ["", *training_table(results["training"], ms_digits=2)]
     lines += [
         "",
@@ -349,6 +351,30 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def checks_table(records: list[dict[str, Any]]) -> list[str]:
+    """The checks section (shared with benchmarks/gpu_bands.py)."""
+    lines = [
+        "## Checks on the GPU: `sparse_dm.train` runs with mask updates (ChiroDiff 3x96, S=0.9)",
+        "",
+        "| method | precision | overrides | rc | updates | skipped | exact nnz | values inside masks "
+        "| CPU vs CUDA max diff |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        overrides = " ".join(r.get("overrides", [])) or "-"
+        if r["returncode"] != 0:
+            lines.append(
+                f"| {r['method']} | {r['precision']} | {overrides} | {r['returncode']} | failed | | | | |"
+            )
+            continue
+        lines.append(
+            f"| {r['method']} | {r['precision']} | {overrides} | 0 | {r['mask_updates']} | "
+            f"{r['mask_updates_skipped']} | {r['layers_exact']} | {r['values_inside_masks']} | "
+            f"{r['cpu_cuda_max_abs_diff']:.1e} |"
+        )
+    return lines
 
 
 def _speed(cell: dict[str, Any]) -> str:

@@ -57,8 +57,10 @@ def with_bias_column(weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def matmul_into(weight: Tensor, dense: Tensor, out: Tensor) -> Tensor:
-    """out = weight @ dense without allocating: CSR via addmm(beta=0) (torch's CSR `mm(out=)` zero-fills
-    a temporary and copies it), dense via `mm(out=)` (dense addmm with beta=0 is ~3x slower here)."""
+    """out = weight @ dense without allocating or copying: CSR via the in-place `addmm_(beta=0)` (MKL
+    writes `out` directly; torch's CSR `mm(out=)` zero-fills a temporary and copies it, and the
+    functional `addmm(out=)` copies `out` onto itself first), dense via `mm(out=)` (dense addmm with
+    beta=0 is ~3x slower here)."""
     if is_csr(weight):
-        return torch.addmm(out, weight, dense, beta=0.0, out=out)
+        return out.addmm_(weight, dense, beta=0.0)
     return torch.mm(weight, dense, out=out)

@@ -1,9 +1,10 @@
 """An inference-only bidirectional GRU whose weights are CSR matrices.
 
 Per layer: the input projection of every step and both directions is one matmul
-W_in @ [x(s); 1; x(L_b - 1 - s)] over all packed columns (see packing.py), and each step is one
-block-diagonal matmul W_rec @ [h_f; h_r; 1] for both directions and all three gates, followed by
-five elementwise ops written into preallocated buffers (no allocation inside the loop).
+W_in @ [x(s); 1; x(L_b - 1 - s)] over all packed columns (see packing.py), and each step is two
+block-diagonal matmuls W_rec @ [h_f; h_r; 1] for both directions (r and z rows accumulated in place
+onto their input part; n rows apart), followed by four elementwise ops, all in place or into
+preallocated buffers (no allocation or copy inside the loop).
 Biases ride along as a column multiplying the constant row of ones. Gate math is nn.GRU's:
 r = s(Wi_r x + Wh_r h + b), z = s(...), n = tanh(Wi_n x + b_in + r * (Wh_n h + b_hn)),
 h' = n + z * (h - n), computed on the shifted state u = (h + 1) / 2: with tanh(a) = 2 s(2a) - 1 it
@@ -74,15 +75,20 @@ def recurrent_weight(forward_w: Tensor, reverse_w: Tensor, bias: Tensor) -> Tens
 
 @dataclass(frozen=True)
 class StepViews:
-    """Every tensor one time step touches: views into the workspace, made once per batch shape."""
+    """Every tensor one time step touches: views into the workspace, made once per batch shape and
+    shared by all layers. Matmul operands are contiguous or have a short leading dimension (a view of
+    the previous step's block), so MKL reads them in place; every result is written in place."""
 
     prev: Tensor  # (2H + 1, b): [u_f; u_r; 1] of the previous step, active columns only
+    prev_state: Tensor  # (2H, b): prev without the row of ones
     gates_in_rz: Tensor  # (4H, b) input part of r and z
     gates_in_n: Tensor  # (2H, b)
-    rz: Tensor  # (4H, b) -> r = rz[:2H], z = rz[2H:]
+    rz: Tensor  # (4H, b) contiguous -> r = rz[:2H], z = rz[2H:]
+    r: Tensor  # (2H, b)
+    z: Tensor  # (2H, b)
     rec_n: Tensor  # (2H, b) recurrent part of the n gate
     candidate: Tensor  # (2H, b)
-    out: Tensor  # (2H, b) this step's columns of the layer output
+    state: Tensor  # (2H, b) this step's new state, in its own contiguous block
 
 
 class SparseBiGRU(nn.Module):
@@ -132,42 +138,52 @@ class SparseBiGRU(nn.Module):
     def _buffers_for(self, columns: PackedColumns) -> dict[str, Any]:
         key = (columns.num_columns, columns.batch)
         if key != self._workspace_key:
-            hidden, n, b = self.hidden, columns.num_columns, columns.batch
-            outputs = [torch.empty(4 * hidden + 1, n) for _ in range(min(self.num_layers, 2))]
+            two_h, n = 2 * self.hidden, columns.num_columns
+            outputs = [torch.empty(2 * two_h + 1, n) for _ in range(min(self.num_layers, 2))]
             for out in outputs:
-                out[2 * hidden].fill_(1.0)
-            h0 = torch.full((2 * hidden + 1, b), SHIFTED_ZERO)
-            h0[2 * hidden].fill_(1.0)
-            gates_in = torch.empty(2 * GATES * hidden, n)
-            scratch = {name: torch.empty(rows * hidden * b) for name, rows in (("rz", 4), ("n", 2), ("c", 2))}
+                out[two_h].fill_(1.0)
+            gates_in = torch.empty(GATES * two_h, n)
+            steps = self._step_views(columns, gates_in)
             self._workspace = {
                 "gates_in": gates_in,
                 "outputs": outputs,
-                "steps": [self._step_views(columns, gates_in, out, h0, scratch) for out in outputs],
+                "steps": steps,
+                "states": [step.state for step in steps],
             }
             self._workspace_key = key
         return self._workspace
 
-    def _step_views(
-        self, columns: PackedColumns, gates_in: Tensor, out: Tensor, h0: Tensor, scratch: dict[str, Tensor]
-    ) -> list[StepViews]:
-        two_h = 2 * self.hidden
+    def _step_views(self, columns: PackedColumns, gates_in: Tensor) -> list[StepViews]:
+        """Step s keeps its new state in its own contiguous (2H + 1, active[s]) block (row of ones
+        included), so step s + 1 reads its first active[s + 1] columns with a leading dimension of
+        active[s] instead of the layer output's N."""
+        two_h, b = 2 * self.hidden, columns.batch
+        blocks = torch.empty((two_h + 1) * columns.num_columns)
+        h0 = torch.full((two_h + 1, b), SHIFTED_ZERO)
+        h0[two_h].fill_(1.0)
+        rz_all, rec_n, candidate = (torch.empty(rows * two_h * b) for rows in (2, 1, 1))
         views = []
-        prev_start = None
+        previous = h0
         for start, width in zip(columns.offsets, columns.active, strict=True):
-            prev = h0 if prev_start is None else out[: two_h + 1, prev_start : prev_start + width]
+            block = blocks[(two_h + 1) * start : (two_h + 1) * (start + width)].view(two_h + 1, width)
+            block[two_h].fill_(1.0)
+            prev = previous[:, :width]
+            rz = rz_all[: 2 * two_h * width].view(2 * two_h, width)
             views.append(
                 StepViews(
-                    prev=prev[:, :width],
+                    prev=prev,
+                    prev_state=prev[:two_h],
                     gates_in_rz=gates_in[: 2 * two_h, start : start + width],
                     gates_in_n=gates_in[2 * two_h :, start : start + width],
-                    rz=scratch["rz"][: 2 * two_h * width].view(2 * two_h, width),
-                    rec_n=scratch["n"][: two_h * width].view(two_h, width),
-                    candidate=scratch["c"][: two_h * width].view(two_h, width),
-                    out=out[:two_h, start : start + width],
+                    rz=rz,
+                    r=rz[:two_h],
+                    z=rz[two_h:],
+                    rec_n=rec_n[: two_h * width].view(two_h, width),
+                    candidate=candidate[: two_h * width].view(two_h, width),
+                    state=block[:two_h],
                 )
             )
-            prev_start = start
+            previous = block
         return views
 
     @torch.no_grad()
@@ -178,11 +194,12 @@ class SparseBiGRU(nn.Module):
             out = work["outputs"][layer % 2]
             matmul_into(self.input_weights[layer], paired, work["gates_in"])
             w_rz, w_n = self.recurrent_weights[layer]
-            for step in work["steps"][layer % 2]:
+            for step in work["steps"]:
                 torch.addmm(step.gates_in_rz, w_rz, step.prev, out=step.rz).sigmoid_()
                 matmul_into(w_n, step.prev, step.rec_n)
-                torch.addcmul(step.gates_in_n, step.rz[:two_h], step.rec_n, out=step.candidate).sigmoid_()
-                torch.lerp(step.candidate, step.prev[:two_h], step.rz[two_h:], out=step.out)
+                torch.addcmul(step.gates_in_n, step.r, step.rec_n, out=step.candidate).sigmoid_()
+                torch.lerp(step.candidate, step.prev_state, step.z, out=step.state)
+            torch.cat(work["states"], dim=1, out=out[:two_h])
             torch.index_select(out[:two_h], 1, columns.mirror, out=out[two_h + 1 :])
             paired = out
         return paired

@@ -103,10 +103,9 @@ def register_masks(weights: Sequence[PrunableWeight], masks: Sequence[Tensor]) -
 
 @torch.no_grad()
 def apply_masks(weights: Sequence[PrunableWeight]) -> None:
-    """Set every weight outside its mask to exactly 0. `masked_fill_`, not multiplication: a NaN or
-    inf outside the mask must not survive (`nan * False` is nan)."""
+    """Set every weight outside its mask to exactly 0 (a NaN or inf there included)."""
     for weight in weights:
-        weight.param.data.masked_fill_(~weight.mask, 0.0)
+        zero_outside(weight.param.data, weight.mask)
 
 
 @torch.no_grad()
@@ -115,4 +114,27 @@ def mask_gradients(weights: Sequence[PrunableWeight]) -> None:
     (non-finite values at inactive positions included)."""
     for weight in weights:
         if weight.param.grad is not None:
-            weight.param.grad.masked_fill_(~weight.mask, 0.0)
+            zero_outside(weight.param.grad, weight.mask)
+
+
+# Integer types as wide as each float type: zeroing by bitwise AND with 0 / all-ones (see zero_outside).
+SAME_WIDTH_INT = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+def zero_outside(values: Tensor, mask: Tensor) -> Tensor:
+    """values[~mask] = 0 in place, exactly (+0.0), whatever was there (NaN and inf too), so not a
+    multiplication (`nan * 0` is nan). It runs at every optimizer step, three times (gradients,
+    weights, EMA). On the CPU a bitwise AND of the float bits with 0 / all-ones is ~3x faster than
+    `masked_fill_(~mask, 0)` (docs/benchmarks.md: it halves the bookkeeping of a sparse step);
+    elsewhere, and for non-float tensors, `masked_fill_`."""
+    int_type = SAME_WIDTH_INT.get(values.dtype)
+    if values.device.type == "cpu" and int_type is not None:
+        values.view(int_type).bitwise_and_(mask.to(int_type).neg_())
+    else:
+        values.masked_fill_(~mask, 0.0)
+    return values

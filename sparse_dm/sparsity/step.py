@@ -65,7 +65,7 @@ class SparseStep:
         `loss` (this step's training loss) is read only with an adaptive prune rate."""
         if self.engine is not None:
             self.engine.remask()
-        self.ema.update(self.net)
+        self.ema.update(self.net, weights_masked=self.engine is not None)
         if self.engine is None:
             return None
         if self.engine.adaptive is not None and loss is not None:
