@@ -18,7 +18,6 @@ from sparse_dm.diffusion import NoiseSchedule
 from sparse_dm.diffusion.losses import per_sample_masked_mse
 from sparse_dm.diffusion.samplers import ddim_sample
 from sparse_dm.export import export, module_from_sdm, read_sdm
-from sparse_dm.inference import install_inference_form
 from sparse_dm.inference.sources import module_from_lightning
 from sparse_dm.lightning.chirodiff_module import ChiroDiffModule
 from sparse_dm.models.chirodiff import ChiroDiffNet
@@ -30,7 +29,7 @@ from sparse_dm.sparsity.timestep_bands import (
     band_masks,
     register_band_masks,
 )
-from sparse_dm.train import build_run, run
+from sparse_dm.train import run
 
 T = 1000
 BANDS = TimestepBands((500,), (0.6, 0.8), T)
@@ -226,13 +225,6 @@ def test_bands_and_adaptive_need_a_method_that_uses_them(tmp_path):
 def test_bands_refuse_growth_by_the_gradient_average(tmp_path):
     with pytest.raises(ConfigError, match=r"method\.grow='momentum' with method\.timestep_bands"):
         validate(compose_config(tmp_path, [*TINY_CHIRODIFF, "method.grow=momentum", *BAND_OVERRIDES]))
-
-
-def test_sparse_inference_form_refuses_band_masks(tmp_path):
-    module, _, _ = build_run(compose_config(tmp_path, [*TINY_CHIRODIFF, *BAND_OVERRIDES]))
-    assert isinstance(module, ChiroDiffModule) and module.timestep_bands is not None
-    with pytest.raises(ValueError, match="timestep-band masks"):
-        install_inference_form(module, {}, "raw")
 
 
 @pytest.fixture(scope="module")

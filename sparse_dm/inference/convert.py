@@ -8,17 +8,20 @@ SparseEngine registers, and what every checkpoint and `.sdm` export holds):
   `SparseLinear` and every other masked weight multiplied out (convolutions stay dense: unstructured
   CSR convolutions were never faster on CPU, see docs/benchmarks.md).
 The form is inference only (no autograd) and equals the masked dense network up to float rounding.
+A model trained with timestep-band masks gets one such form per band, behind a `BandedForm` that
+routes each sample by its timestep (sparse_dm.inference.banded).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from sparse_dm.inference.banded import BandedForm, band_net
 from sparse_dm.inference.calibrate import Thresholds
 from sparse_dm.inference.chirodiff import SparseChiroDiffNet
 from sparse_dm.inference.kernels import density, masked_weight
@@ -27,6 +30,7 @@ from sparse_dm.inference.sparse_linear import SparseLinear
 from sparse_dm.lightning.diffusion_module import SAMPLING_WEIGHTS
 from sparse_dm.models.chirodiff import ChiroDiffNet
 from sparse_dm.sparsity.masks import MASK_SUFFIX
+from sparse_dm.sparsity.timestep_bands import BandRouter, TimestepBands
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +105,41 @@ def generic_form(net: nn.Module, thresholds: Thresholds) -> tuple[nn.Module, lis
     return form, choices
 
 
-def inference_form(net: nn.Module, thresholds: Thresholds) -> tuple[nn.Module, list[LayerChoice]]:
-    """The inference form of `net` (a new module; `net` is not changed) and the per-matrix choices."""
+def _single_form(net: nn.Module, thresholds: Thresholds) -> tuple[nn.Module, list[LayerChoice]]:
     choices = chirodiff_choices(net, thresholds) if isinstance(net, ChiroDiffNet) else None
     if choices is not None:
         form: nn.Module = SparseChiroDiffNet(net, {c.name: c.kernel == CSR for c in choices})
     else:
         form, choices = generic_form(net, thresholds)
+    return form.eval(), choices
+
+
+def _log_choices(choices: list[LayerChoice]) -> None:
     for choice in choices:
         log.info("inference form: %-22s density %.3f -> %s", choice.name, choice.density, choice.kernel)
-    return form.eval(), choices
+
+
+def inference_form(net: nn.Module, thresholds: Thresholds) -> tuple[nn.Module, list[LayerChoice]]:
+    """The inference form of `net` (a new module; `net` is not changed) and the per-matrix choices."""
+    form, choices = _single_form(net, thresholds)
+    _log_choices(choices)
+    return form, choices
+
+
+def banded_inference_form(
+    net: nn.Module, bands: TimestepBands, thresholds: Thresholds
+) -> tuple[BandedForm, list[LayerChoice]]:
+    """The inference form of a net with timestep-band masks: band k's form holds W * m_k, each
+    matrix CSR or dense by its own density. Choices are named `band<k>.<matrix>`."""
+    forms, choices = [], []
+    for band, (start, end) in enumerate(bands.ranges()):
+        form, band_choices = _single_form(band_net(net, band, bands.num_bands), thresholds)
+        log.info("inference form: band %d (t in [%d, %d)): %s", band, start, end, type(form).__name__)
+        named = [replace(c, name=f"band{band}.{c.name}") for c in band_choices]
+        _log_choices(named)
+        forms.append(form)
+        choices.extend(named)
+    return BandedForm(forms, bands).eval(), choices
 
 
 def install_inference_form(
@@ -118,25 +147,31 @@ def install_inference_form(
 ) -> list[LayerChoice]:
     """Replace `module.net` (a DiffusionModule's denoiser) by the inference form of its `weights`
     ('ema': the masked EMA average; 'raw': the training weights). The form holds those values, so
-    the module then samples with its own net (`sampling.weights` becomes 'raw')."""
+    the module then samples with its own net (`sampling.weights` becomes 'raw'). A model with
+    timestep-band masks gets a `BandedForm` (one form per band) and its band router is dropped:
+    the form routes by timestep itself."""
     if weights not in SAMPLING_WEIGHTS:
         raise ValueError(f"weights must be one of {SAMPLING_WEIGHTS}, got {weights!r}")
-    if getattr(module, "timestep_bands", None) is not None:
-        raise ValueError(
-            "the sparse inference form holds one mask per weight; this model has timestep-band masks "
-            "(method.timestep_bands): use backend=dense"
-        )
     device = next(module.net.parameters()).device
     if device.type != "cpu":
         raise ValueError(
             f"the sparse inference form runs on the CPU (MKL CSR kernels); the model is on {device}: "
             "use backend=dense there"
         )
+    router: BandRouter | None = getattr(module, "timestep_bands", None)
+
+    def convert() -> tuple[nn.Module, list[LayerChoice]]:
+        if router is None:
+            return inference_form(module.net, thresholds)
+        return banded_inference_form(module.net, router.bands, thresholds)
+
     if weights == "ema":
         with module.ema_weights():
-            form, choices = inference_form(module.net, thresholds)
+            form, choices = convert()
     else:
-        form, choices = inference_form(module.net, thresholds)
+        form, choices = convert()
     module.net = form
+    if router is not None:
+        module.timestep_bands = None
     module.sampling_cfg["weights"] = "raw"
     return choices

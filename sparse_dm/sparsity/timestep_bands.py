@@ -17,7 +17,7 @@ the UNet here (GroupNorm).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,17 +193,26 @@ class BandRouter:
         return functional_call(self.net, self.masked_weights(band), (x, t, *args), kwargs, strict=False)
 
     def __call__(self, x: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        band = self.bands.band_of(t)
-        present = torch.unique(band).tolist()
-        if len(present) == 1:
-            return self.call_band(int(present[0]), x, t, *args, **kwargs)
-        batch = x.shape[0]
-        pieces, order = [], []
-        for k in present:
-            index = (band == k).nonzero().flatten()
-            sub_args = [_take(a, index, batch) for a in args]
-            sub_kwargs = {key: _take(v, index, batch) for key, v in kwargs.items()}
-            pieces.append(self.call_band(int(k), x[index], t[index], *sub_args, **sub_kwargs))
-            order.append(index)
-        inverse = torch.argsort(torch.cat(order))
-        return torch.cat(pieces)[inverse.to(x.device)]
+        return route_by_band(self.bands, self.call_band, x, t, *args, **kwargs)
+
+
+def route_by_band(
+    bands: TimestepBands, call_band: Callable[..., Tensor], x: Tensor, t: Tensor, *args: Any, **kwargs: Any
+) -> Tensor:
+    """`call_band(k, x_k, t_k, *args_k, **kwargs_k)` on the samples of each band k present in `t`,
+    outputs back in batch order. One call on the whole batch when every sample shares a band (a
+    DDIM step: one t for all); batch-first tensor arguments are split along with x and t."""
+    band = bands.band_of(t)
+    present = torch.unique(band).tolist()
+    if len(present) == 1:
+        return call_band(int(present[0]), x, t, *args, **kwargs)
+    batch = x.shape[0]
+    pieces, order = [], []
+    for k in present:
+        index = (band == k).nonzero().flatten()
+        sub_args = [_take(a, index, batch) for a in args]
+        sub_kwargs = {key: _take(v, index, batch) for key, v in kwargs.items()}
+        pieces.append(call_band(int(k), x[index], t[index], *sub_args, **sub_kwargs))
+        order.append(index)
+    inverse = torch.argsort(torch.cat(order))
+    return torch.cat(pieces)[inverse.to(x.device)]
