@@ -415,10 +415,12 @@ def test_banded_momentum_run_resumes_bit_exactly(tmp_path, monkeypatch):
     assert_same_run(resumed_dir, straight_dir)
 
 
-def test_two_ranks_keep_identical_band_masks(tmp_path):
-    """Each rank captures its own band gradients; reduced over ranks, every rank grows the same
-    positions (the cross-rank checksum covers every band's masks)."""
-    overrides = [*TINY_CHIRODIFF, *SHORT, *TWO_RANKS, "method=rigl", *BAND_OVERRIDES]
+@pytest.mark.parametrize("grow", ["gradient", "momentum"])
+def test_two_ranks_keep_identical_band_masks(tmp_path, grow):
+    """Each rank captures its own band gradients; reduced over ranks (momentum: at every step, before
+    they enter the per-band averages), every rank grows the same positions (the cross-rank checksum
+    covers every band's masks; the probe compares the engine states, averages included)."""
+    overrides = [*TINY_CHIRODIFF, *SHORT, *TWO_RANKS, "method=rigl", f"method.grow={grow}", *BAND_OVERRIDES]
     result = train_two_ranks(tmp_path, overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     for tag in ("start", "update1", "update2", "end"):
@@ -427,3 +429,6 @@ def test_two_ranks_keep_identical_band_masks(tmp_path):
     start, end = rank_states(tmp_path / "probe", "start")[0], rank_states(tmp_path / "probe", "end")[0]
     bands = [k for k in end["module"] if k.endswith(BAND_MASKS_SUFFIX)]
     assert bands and any(not torch.equal(start["module"][k], end["module"][k]) for k in bands)
+    if grow == "momentum":
+        averages = end["engine"]["band_grad_ema"]
+        assert len(averages) == 2 and all(a.abs().sum() > 0 for band in averages for a in band)
