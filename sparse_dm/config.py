@@ -21,7 +21,6 @@ from sparse_dm.diffusion.schedule import NoiseSchedule
 from sparse_dm.lightning.diffusion_module import check_sampling_weights
 from sparse_dm.lightning.nonfinite_guard import check_max_consecutive
 from sparse_dm.sparsity import criteria
-from sparse_dm.sparsity.banded_engine import check_band_growth
 from sparse_dm.sparsity.distributions import check_distribution, check_sparsity
 from sparse_dm.sparsity.ema import check_ema_settings
 from sparse_dm.sparsity.engine import check_grad_ema_beta
@@ -106,7 +105,6 @@ def _check_method_extras(cfg: DictConfig) -> None:
     bands = OmegaConf.select(cfg, "method.timestep_bands")
     if bands is not None:
         timestep_bands_from(bands, int(cfg.model.diffusion.num_timesteps))
-        check_band_growth(_get(cfg, "method.grow"))
     adaptive = OmegaConf.select(cfg, "method.adaptive")
     if adaptive is not None:
         adaptive_from(adaptive)

@@ -28,6 +28,7 @@ class RankStateProbe(L.Callback):
         state = {
             "module": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
             "optimizer": trainer.optimizers[0].state_dict(),
+            "engine": self._engine(trainer).state_dict(),  # counters, gradient averages
             "step": trainer.global_step,
         }
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}_{tag}.pt")

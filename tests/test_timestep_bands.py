@@ -1,5 +1,6 @@
-"""Timestep-dependent masks: routing by timestep, per-band exact counts and own-gradient growth,
-the cost over the sampler's schedule, config errors, and bit-exact resume of a K-mask run."""
+"""Timestep-dependent masks: routing by timestep, per-band exact counts and own-gradient growth
+(one step's gradient, or each band's own running average: momentum), the cost over the sampler's
+schedule, config errors, and bit-exact resume of a K-mask run."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from omegaconf import OmegaConf
 from run_config import TINY_CHIRODIFF, compose_config
 from test_ddp import SHORT, TWO_RANKS, assert_identical, rank_states, train_two_ranks
 from test_resume import CHIRODIFF, STEPS, assert_same_run, crash_at
+from torch import nn
 
 from sparse_dm.config import ConfigError, validate
 from sparse_dm.cost import compute_cost
@@ -138,7 +140,7 @@ def train_steps(net, engine, steps, seed=3):
         yield optimizer, report, grads, before
 
 
-@pytest.mark.parametrize("grow", ["gradient", "random"])
+@pytest.mark.parametrize("grow", ["gradient", "momentum", "random"])
 def test_exact_counts_per_band_after_every_step(grow):
     net = tiny_net()
     engine = BandedSparseEngine(net, BANDS, grow=grow, prune_rate=0.3, update_interval=2)
@@ -156,18 +158,101 @@ def test_exact_counts_per_band_after_every_step(grow):
         updates += 1
         changed = [(band_masks(w) != old).any() for w, old in zip(engine.weights, before, strict=True)]
         assert any(changed)
-        if grow != "gradient":
+        if grow == "random":
             continue
         for i, (weight, old) in enumerate(zip(engine.weights, before, strict=True)):
             for band in range(BANDS.num_bands):
                 grown = band_masks(weight)[band] & ~old[band]
                 if not grown.any():
                     continue  # a layer whose p * active rounds to 0
-                scores = grads[band][i].abs()
-                # grown positions are the band's own top-|gradient| among its inactive positions
+                # grown positions are the band's own top-|gradient| (or |average|) among its inactive ones
+                own = grads[band][i] if grow == "gradient" else engine.band_grad_ema[band][i]
+                scores = own.abs()
                 assert scores[grown].min() >= scores[~old[band] & ~grown].max(), (weight.name, band)
         assert not torch.equal(grads[0][0], grads[1][0])  # the bands' own gradients differ
+        if grow == "momentum":
+            assert not torch.equal(engine.band_grad_ema[0][0], engine.band_grad_ema[1][0])
     assert updates == 6  # steps 2, 4, ..., 12 (no run length set: no stop step)
+
+
+AVERAGE_INTERVAL = 10
+BAND_FAVOURITES = (5, 7)  # band k's persistent gradient: a flat position of the inactive row of a 2x4 weight
+
+
+def grow_bands_after_constructed_averages(grad_scale: float = 1.0) -> tuple[BandedSparseEngine, list[int]]:
+    """Both bands: row 0 active (|w| = 1..4), row 1 inactive. For 9 steps band k's captured gradient
+    is 1 at BAND_FAVOURITES[k]; at the update step each band's gradient spikes (3) at the OTHER band's
+    favourite. Gradients are written where the router's backward hooks accumulate them (scaled by
+    `grad_scale`, as under AMP). Returns the position each band grew."""
+    net = nn.Sequential(nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]]))
+    engine = BandedSparseEngine(
+        net,
+        TimestepBands((500,), (0.5, 0.5), T),
+        distribution="uniform",
+        grow="momentum",
+        prune_rate=0.25,  # floor(0.25 * 4 active) = 1 weight replaced per band
+        update_interval=AVERAGE_INTERVAL,
+        grad_ema_beta=0.9,
+    )
+    row0 = torch.tensor([[True] * 4, [False] * 4])
+    register_band_masks(engine.weights, [torch.stack([row0, row0])])
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    for step in range(1, AVERAGE_INTERVAL + 1):
+        assert engine.router.capturing, f"momentum needs every step's band gradients (step {step})"
+        for band, favourite in enumerate(BAND_FAVOURITES):
+            grad = torch.zeros(8)
+            if step < AVERAGE_INTERVAL:
+                grad[favourite] = 1.0
+            else:
+                grad[BAND_FAVOURITES[1 - band]] = 3.0
+            engine.router.captured[band][0] += grad_scale * grad.view(2, 4)
+        net[0].weight.grad = torch.zeros(2, 4)
+        engine.before_step(grad_scale)
+        optimizer.step()
+        engine.after_step(optimizer)
+    assert engine.num_updates == 1
+    grown = [(m & ~row0).flatten().nonzero().flatten().tolist() for m in band_masks(engine.weights[0])]
+    assert all(len(g) == 1 for g in grown)
+    return engine, [g[0] for g in grown]
+
+
+def test_each_band_grows_where_its_own_gradient_average_is_largest():
+    """Band 0's average favours position 5, band 1's favours 7; the update step's spikes point the
+    other way, so growth by one step's gradient, or by the other band's average, grows elsewhere."""
+    engine, grown = grow_bands_after_constructed_averages()
+    assert grown == list(BAND_FAVOURITES)
+    for band, favourite in enumerate(BAND_FAVOURITES):
+        average = engine.band_grad_ema[band][0].flatten()
+        assert average[favourite] == pytest.approx(0.9 * (1 - 0.9**9))
+        assert average[BAND_FAVOURITES[1 - band]] == pytest.approx(0.1 * 3.0)
+    # AMP: the captured gradients carry the loss scale; divided out, the averages are the same
+    scaled, scaled_grown = grow_bands_after_constructed_averages(grad_scale=1024.0)
+    assert scaled_grown == grown
+    for band in range(2):
+        assert torch.equal(scaled.band_grad_ema[band][0], engine.band_grad_ema[band][0])
+
+
+def test_band_gradients_are_captured_only_when_growth_needs_them():
+    """Gradient growth captures on update steps only (every other step runs without hooks); the
+    per-band averages need every step while an update is still to come, and none after."""
+    for grow, armed in (("gradient", [False, True, False, True]), ("random", [False] * 4)):
+        engine = BandedSparseEngine(tiny_net(), BANDS, grow=grow, update_interval=2)
+        seen = []
+        for _ in range(4):
+            seen.append(engine.router.capturing)
+            engine.before_step()
+            engine.after_step()
+        assert seen == armed, grow
+    engine = BandedSparseEngine(tiny_net(), BANDS, grow="momentum", update_interval=2)
+    engine.set_total_steps(6)  # updates at 2 and 4; step 6 is the first without one
+    seen = []
+    for _ in range(6):
+        seen.append(engine.router.capturing)
+        engine.before_step()
+        engine.after_step()
+    assert seen == [True] * 5 + [False]
 
 
 def test_equal_sampling_flops_over_the_ddim_schedule(tmp_path):
@@ -222,9 +307,25 @@ def test_bands_and_adaptive_need_a_method_that_uses_them(tmp_path):
         )
 
 
-def test_bands_refuse_growth_by_the_gradient_average(tmp_path):
-    with pytest.raises(ConfigError, match=r"method\.grow='momentum' with method\.timestep_bands"):
-        validate(compose_config(tmp_path, [*TINY_CHIRODIFF, "method.grow=momentum", *BAND_OVERRIDES]))
+def test_band_momentum_is_one_config_line_and_costs_its_dense_gradient_per_band(tmp_path):
+    """Every step of the update window computes band k's dense gradient for band k's samples:
+    2 f_S,k + f_D per band, weighted by the bands' shares of [0, T) (RigL's only at update steps)."""
+    overrides = ["experiment=chirodiff_kanjivg", "method=rigl", *BAND_OVERRIDES]
+    validate(compose_config(tmp_path, [*overrides, "method.grow=momentum"]))
+    momentum = compute_cost(compose_config(tmp_path, [*overrides, "method.grow=momentum"]))
+    random = compute_cost(compose_config(tmp_path, [*overrides, "method.grow=random"]))
+    f_d = momentum["flops_forward_dense"]
+    window = momentum["mask_updates_stop_step"] / momentum["train_steps"]  # updates happen before it
+    assert 0 < window <= 1
+    expected = sum(
+        band["train_share"]
+        * (window * (2 * band["flops_forward"] + f_d) + (1 - window) * 3 * band["flops_forward"])
+        for band in momentum["timestep_bands"]["bands"]
+    )
+    assert momentum["flops_train_ratio"] == pytest.approx(expected / (3 * f_d))
+    sparse_only = sum(b["train_share"] * b["flops_forward"] for b in random["timestep_bands"]["bands"])
+    assert random["flops_train_ratio"] == pytest.approx(sparse_only / f_d)
+    assert momentum["flops_test_per_sample"] == random["flops_test_per_sample"]
 
 
 @pytest.fixture(scope="module")
@@ -287,10 +388,31 @@ def test_banded_adaptive_run_resumes_bit_exactly(tmp_path, straight_banded, monk
     assert OmegaConf.load(tmp_path / "config.yaml").method.timestep_bands.boundaries == [500]
 
 
-def test_two_ranks_keep_identical_band_masks(tmp_path):
-    """Each rank captures its own band gradients; reduced over ranks, every rank grows the same
-    positions (the cross-rank checksum covers every band's masks)."""
-    overrides = [*TINY_CHIRODIFF, *SHORT, *TWO_RANKS, "method=rigl", *BAND_OVERRIDES]
+def test_banded_momentum_run_resumes_bit_exactly(tmp_path, monkeypatch):
+    """Each band's gradient average rides in the checkpoint: resumed at step 7 (between the updates
+    at 6 and 9), the run ends with the masks, weights and averages of the uninterrupted one."""
+    overrides = [*CHIRODIFF, *BAND_OVERRIDES, "method.grow=momentum", f"trainer.max_steps={STEPS}"]
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    run(compose_config(straight_dir, overrides))
+    monkeypatch.setattr(ChiroDiffModule, "training_step", crash_at(ChiroDiffModule, 9))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(compose_config(resumed_dir, overrides))
+    monkeypatch.undo()
+    saved = torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 7
+    (engine_state,) = [v for k, v in saved["callbacks"].items() if "DSTCallback" in k]
+    averages = engine_state["band_grad_ema"]
+    assert len(averages) == 2 and all(a.abs().sum() > 0 for band in averages for a in band)
+    run(compose_config(resumed_dir, [*overrides, "resume=auto"]))
+    assert_same_run(resumed_dir, straight_dir)
+
+
+@pytest.mark.parametrize("grow", ["gradient", "momentum"])
+def test_two_ranks_keep_identical_band_masks(tmp_path, grow):
+    """Each rank captures its own band gradients; reduced over ranks (momentum: at every step, before
+    they enter the per-band averages), every rank grows the same positions (the cross-rank checksum
+    covers every band's masks; the probe compares the engine states, averages included)."""
+    overrides = [*TINY_CHIRODIFF, *SHORT, *TWO_RANKS, "method=rigl", f"method.grow={grow}", *BAND_OVERRIDES]
     result = train_two_ranks(tmp_path, overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     for tag in ("start", "update1", "update2", "end"):
@@ -299,3 +421,6 @@ def test_two_ranks_keep_identical_band_masks(tmp_path):
     start, end = rank_states(tmp_path / "probe", "start")[0], rank_states(tmp_path / "probe", "end")[0]
     bands = [k for k in end["module"] if k.endswith(BAND_MASKS_SUFFIX)]
     assert bands and any(not torch.equal(start["module"][k], end["module"][k]) for k in bands)
+    if grow == "momentum":
+        averages = end["engine"]["band_grad_ema"]
+        assert len(averages) == 2 and all(a.abs().sum() > 0 for band in averages for a in band)

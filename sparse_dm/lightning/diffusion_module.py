@@ -27,6 +27,7 @@ from sparse_dm.sparsity.banded_engine import BandedSparseEngine
 from sparse_dm.sparsity.ema import MaskedEMA
 from sparse_dm.sparsity.engine import SparseEngine
 from sparse_dm.sparsity.step import SparseStep
+from sparse_dm.sparsity.timestep_bands import BandRouter
 
 SAMPLING_WEIGHTS = ("ema", "raw")
 
@@ -102,7 +103,7 @@ class DiffusionModule(L.LightningModule):
         self.last_validated_step = -1
         # Set by attach_engine for runs with method.timestep_bands: calls the net with each
         # sample's band mask (sparsity.timestep_bands.BandRouter). None: the plain net.
-        self.timestep_bands: Callable[..., Tensor] | None = None
+        self.timestep_bands: BandRouter | None = None
         self._step_loss: Tensor | None = None  # the last training_step's loss
 
     # ----- family-specific hooks -------------------------------------------------------------
@@ -179,9 +180,13 @@ class DiffusionModule(L.LightningModule):
             self.sparse_step.engine.set_total_steps(int(self.trainer.estimated_stepping_batches))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Gradients are final here (accumulated, AMP-unscaled) and Lightning clips right after."""
+        """Gradients are final here (accumulated, AMP-unscaled) and Lightning clips right after.
+        Band gradients the router captured still carry the AMP loss scale: the engine divides it out."""
         reduce = self.trainer.strategy.reduce if self.trainer.world_size > 1 else None
-        self.sparse_step.before_step(reduce)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        captured = self.timestep_bands is not None and self.timestep_bands.capturing
+        scale = float(scaler.get_scale()) if scaler is not None and captured else 1.0
+        self.sparse_step.before_step(reduce, scale)
 
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None

@@ -4,13 +4,17 @@ Same call protocol as SparseEngine (before_step, then remask + explore_if_due af
 step; `SparseStep` orders them, with `reduce_across_ranks` under data parallelism). Per band k
 and layer: exact counts nnz(m_k) == target_k after every step; magnitude pruning scores W restricted
 to m_k; gradient growth scores the dense gradient dL/d(W * m_k) of band k's own samples (captured by
-the `BandRouter` during the update step's backward); random growth draws from one generator per
+the `BandRouter` during the update step's backward); momentum growth scores band k's own running
+average of that gradient (captured at every step while updates remain, decay
+`method.grad_ema_beta`; a step without a sample of band k adds a zero gradient, and under data
+parallelism every step's band gradients are averaged over ranks first, as DDP does for the
+parameter gradients the single-mask average reads); random growth draws from one generator per
 update. The ordinary mask is the union of the band masks: weights active in no band are zero, and
 the optimizer state is reset where the union changed (positions that left every band, or joined
 the first one). A position pruned from one band but still used by another keeps its value and
 state; a position grown into a band that another band already uses starts from the shared value.
-Under AMP the captured band gradients carry the loss scale (hooks run before unscaling): growth
-ranks positions within a band, which one common factor does not change.
+Under AMP the captured band gradients carry the loss scale (hooks run before unscaling);
+`before_step(grad_scale)` divides it out, so the averages do not weight steps by the scale.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from sparse_dm.sparsity import criteria
 from sparse_dm.sparsity.adaptive import AdaptivePruneRate
 from sparse_dm.sparsity.criteria import ScoreContext, top_k_mask
 from sparse_dm.sparsity.distributions import layer_counts
@@ -46,16 +49,6 @@ from sparse_dm.sparsity.timestep_bands import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def check_band_growth(grow: str | None) -> None:
-    """Band growth scores each band's own captured gradient (or draws at random); a running
-    average of gradients per band (grow: momentum) is not kept."""
-    if grow is not None and criteria.get(criteria.GROW_CRITERIA, grow, "method.grow").needs_grad_ema:
-        allowed = sorted(name for name, c in criteria.GROW_CRITERIA.items() if not c.needs_grad_ema)
-        raise ValueError(
-            f"method.grow={grow!r} with method.timestep_bands; allowed: one of {allowed} or null"
-        )
 
 
 @dataclass(frozen=True)
@@ -89,7 +82,6 @@ class BandedSparseEngine(SparseEngine):
         name: str = "sparse",
         adaptive: AdaptivePruneRate | None = None,
     ) -> None:
-        check_band_growth(grow)
         self._configure(model, prune, grow, prune_rate, update_interval, schedule, end_step, end_fraction,
                         seed, include, exclude, grad_ema_beta, name, adaptive)  # fmt: skip
         self.bands = bands
@@ -107,16 +99,36 @@ class BandedSparseEngine(SparseEngine):
         self._start_counters([w.mask.clone() for w in self.weights])  # growth scores band gradients
         self._band_grads: list[list[Tensor]] | None = None
         self._band_samples: list[int] | None = None
-        self.grad_ema = None  # check_band_growth refuses the criteria that need it
+        self._grads_dropped = False
+        self.grad_ema = None  # one average per band instead: band_grad_ema
+        needs_average = self.grow is not None and self.grow.needs_grad_ema
+        self.band_grad_ema: list[list[Tensor]] | None = (
+            [
+                [torch.zeros_like(w.param, memory_format=torch.contiguous_format) for w in self.weights]
+                for _ in range(bands.num_bands)
+            ]
+            if needs_average
+            else None
+        )
         self._arm_capture()
 
     @property
     def needs_band_grads(self) -> bool:
         return self.grow is not None and self.grow.needs_grad
 
+    def _updates_remain(self, step: int) -> bool:
+        """Whether an update can still come at or after `step` (the averages matter until then)."""
+        stop = self.schedule.stop_step
+        return self.dynamic and (stop is None or step < stop)
+
     def _arm_capture(self) -> None:
-        """Capture per-band dense gradients during the next step's backward iff it is an update step."""
-        if self.needs_band_grads and self.update_due(self.step + 1):
+        """Capture per-band dense gradients during the next step's backward iff it is an update step
+        (gradient growth) or an update is still to come (the per-band averages of momentum growth);
+        otherwise the router runs without gradient hooks."""
+        next_step = self.step + 1
+        if (self.needs_band_grads and self.update_due(next_step)) or (
+            self.band_grad_ema is not None and self._updates_remain(next_step)
+        ):
             self.router.begin_capture()
         else:
             self.router.end_capture()
@@ -134,14 +146,20 @@ class BandedSparseEngine(SparseEngine):
         ]
 
     @torch.no_grad()
-    def before_step(self) -> None:
-        """At an update step, take the per-band dense gradients captured during backward (and note
-        non-finite gradients); always zero the gradients of weights active in no band."""
+    def before_step(self, grad_scale: float = 1.0) -> None:
+        """Take the per-band dense gradients captured during backward, if armed (divided by the AMP
+        loss scale `grad_scale` they carry); at an update step note missing or non-finite gradients;
+        always zero the gradients of weights active in no band."""
+        if self.router.capturing:
+            grads, self._band_samples = self.router.end_capture()
+            if grad_scale != 1.0:
+                grads = [[g.div_(grad_scale) for g in band] for band in grads]
+            self._band_grads = grads
+        self._grads_dropped = any(w.param.grad is None for w in self.weights)
         if self.update_due(self.step + 1):
             grads = [w.param.grad for w in self.weights if w.param.grad is not None]
             self._missing_grads = not grads
-            if self.needs_band_grads and self.router.capturing:
-                self._band_grads, self._band_samples = self.router.end_capture()
+            if self._band_grads is not None:
                 grads += [g for band in self._band_grads for g in band]
             self._nonfinite_grads = bool(grads) and not bool(
                 torch.stack([torch.isfinite(g).all() for g in grads]).all()
@@ -161,11 +179,31 @@ class BandedSparseEngine(SparseEngine):
 
     @torch.no_grad()
     def remask(self) -> None:
-        """Count the step, zero the weights active in no band, and arm the gradient capture of the
-        next step's backward if that one is an update step."""
+        """Count the step, zero the weights active in no band, fold this step's band gradients
+        (reduced over ranks by now) into the per-band averages, and arm the gradient capture of the
+        next step's backward."""
         self.step += 1
         apply_masks(self.weights)
+        if self.band_grad_ema is not None:
+            self._update_band_grad_ema()
         self._arm_capture()
+
+    @torch.no_grad()
+    def _update_band_grad_ema(self) -> None:
+        """m_k <- beta m_k + (1 - beta) g_k for every band k; a step whose gradients were dropped
+        (non-finite loss guard) or are non-finite (AMP overflow) leaves every average unchanged, as
+        the single-mask average does."""
+        assert self.band_grad_ema is not None
+        grads, dropped = self._band_grads, self._grads_dropped
+        if not self.needs_band_grads:
+            self._band_grads, self._band_samples = None, None
+        if grads is None or dropped:
+            return
+        if not bool(torch.stack([torch.isfinite(g).all() for band in grads for g in band]).all()):
+            return
+        for averages, band in zip(self.band_grad_ema, grads, strict=True):
+            for average, grad in zip(averages, band, strict=True):
+                average.lerp_(grad, 1.0 - self.grad_ema_beta)
 
     @torch.no_grad()
     def explore_if_due(
@@ -200,7 +238,8 @@ class BandedSparseEngine(SparseEngine):
                 continue
             for i, weight in enumerate(self.weights):
                 grad = grads[band][i] if grads is not None else None
-                updates.append(self._explore_band(band, weight, drop, generator, grad, optimizer))
+                average = self.band_grad_ema[band][i] if self.band_grad_ema is not None else None
+                updates.append(self._explore_band(band, weight, drop, generator, grad, average, optimizer))
         sync_union(self.weights)
         changed = [w.mask ^ old for w, old in zip(self.weights, before, strict=True)]
         if optimizer is not None:
@@ -220,6 +259,7 @@ class BandedSparseEngine(SparseEngine):
         drop: float,
         generator: torch.Generator,
         grad: Tensor | None,
+        average: Tensor | None,
         optimizer: torch.optim.Optimizer | None,
     ) -> LayerUpdate:
         assert self.grow is not None
@@ -228,7 +268,7 @@ class BandedSparseEngine(SparseEngine):
         active = int(mask.sum())
         replace_count = min(math.floor(drop * active), mask.numel() - active)
         state = optimizer.state.get(weight.param) if optimizer is not None else None
-        context = ScoreContext(weight.param, mask, self.step, generator, grad, state or None)
+        context = ScoreContext(weight.param, mask, self.step, generator, grad, state or None, average)
         keep = top_k_mask(self.prune.score(context), mask, active - replace_count)
         grown = top_k_mask(self.grow.score(context), ~mask, replace_count)
         pruned, regrown = active - int(keep.sum()), int(grown.sum())
@@ -277,6 +317,24 @@ class BandedSparseEngine(SparseEngine):
             if not torch.equal(weight.mask, masks.any(0)):
                 raise ValueError(f"{weight.name}: its mask is not the union of its timestep-band masks")
 
+    def state_dict(self) -> dict:
+        """The single-mask engine's counters, plus every band's gradient average (momentum growth)."""
+        state = super().state_dict()
+        if self.band_grad_ema is not None:
+            state["band_grad_ema"] = [[m.cpu() for m in band] for band in self.band_grad_ema]
+        return state
+
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        if self.band_grad_ema is not None:
+            saved = state.get("band_grad_ema")
+            if saved is None or len(saved) != len(self.band_grad_ema):
+                raise ValueError(
+                    f"this growth criterion needs one dense-gradient average per timestep band "
+                    f"({len(self.band_grad_ema)}), which the checkpoint does not hold; "
+                    "resume with the run's own method.grow and method.timestep_bands"
+                )
+            for averages, band in zip(self.band_grad_ema, saved, strict=True):
+                for average, value in zip(averages, band, strict=True):
+                    average.copy_(value)
         self._arm_capture()

@@ -224,8 +224,10 @@ class SparseEngine:
             average.lerp_(grad, 1.0 - self.grad_ema_beta)
 
     @torch.no_grad()
-    def before_step(self) -> None:
-        """Call when gradients are final (unscaled, accumulated) and before clipping/step. The
+    def before_step(self, grad_scale: float = 1.0) -> None:
+        """Call when gradients are final (unscaled, accumulated) and before clipping/step
+        (`grad_scale`: the AMP loss scale, which only gradients captured outside the parameters
+        carry; one mask reads the unscaled parameter gradients). The
         dense gradient first feeds the gradient average (criteria with `needs_grad_ema`); at an
         update step it is kept, for gradient-based growth, and checked for non-finite values (an
         AMP overflow step: the scaler skips it, the update must too) or absence (a step dropped by

@@ -4,7 +4,8 @@ One optimizer step of (sparse) training, after backward, gradient accumulation a
 
 1. `before_step`: the dense gradient feeds the engine's gradient average (momentum growth) and,
    at an update step, is kept for gradient growth (timestep bands: each band's captured gradient,
-   averaged over data-parallel ranks); then the gradients of inactive weights are zeroed
+   averaged over data-parallel ranks; the per-band averages take it in step 4); then the gradients
+   of inactive weights are zeroed
 2. the caller clips gradients (it sees only active gradients)
 3. the caller runs `optimizer.step()` (AMP may skip it on overflow)
 4. `after_step`: re-mask the weights (exact counts)
@@ -45,11 +46,12 @@ class SparseStep:
         """Whether the step about to be taken is a mask-update step."""
         return self.engine is not None and self.engine.update_due(self.engine.step + 1)
 
-    def before_step(self, reduce: Reduce | None = None) -> None:
+    def before_step(self, reduce: Reduce | None = None, grad_scale: float = 1.0) -> None:
         """Phase 1: gradients are final; keep what growth needs (agreed across ranks with `reduce`,
-        under data parallelism), then mask them."""
+        under data parallelism; `grad_scale`: the AMP loss scale, 1 without a grad scaler), then
+        mask them."""
         if self.engine is not None:
-            self.engine.before_step()
+            self.engine.before_step(grad_scale)
             if reduce is not None:
                 self.engine.reduce_across_ranks(reduce)
 
