@@ -24,7 +24,7 @@ from benchmarks.gpu import QUICK as GPU_QUICK
 from benchmarks.gpu import checks_table, run_checks
 from benchmarks.suite import ROOT
 
-BANDS = ["method.timestep_bands.boundaries=[500]", "method.timestep_bands.sparsities=[0.85,0.95]"]
+BANDS = ["method.timestep_bands={boundaries:[500],sparsities:[0.85,0.95]}"]
 FULL = {
     **GPU_FULL,
     "check_methods": [

@@ -18,4 +18,4 @@ def test_quick_band_checks_on_cpu_read_every_band(tmp_path):
     assert check["band_layers"] > 0  # the exactness below covered per-band counts, not only the union
     assert check["mask_updates"] >= 1 and check["layers_exact"] and check["values_inside_masks"]
     assert check["cpu_cuda_max_abs_diff"] == 0.0  # same device, same band routing: the same numbers
-    assert "method.timestep_bands.boundaries=[500]" in (tmp_path / "bands.md").read_text()
+    assert "method.timestep_bands={boundaries:[500]" in (tmp_path / "bands.md").read_text()
