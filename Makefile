@@ -1,7 +1,7 @@
 # sparse_dm — common tasks. PYTHON defaults to the project venv created by `make install`.
 PYTHON ?= .venv/bin/python
 
-.PHONY: install test lint train cost bench sweep-demo study report clean
+.PHONY: install test lint train cost bench bench-bands sweep-demo study report clean
 
 install:  ## create .venv and install sparse_dm with dev extras
 	python3 -m venv .venv
@@ -33,6 +33,9 @@ study:  ## issue 13: 9 arms x 3 seeds on KanjiVG (about 90 min on 2 cores), then
 
 bench:  ## sparse vs dense: training step, mask update, DDIM sampling, file size (a few minutes)
 	$(PYTHON) -m benchmarks.suite
+
+bench-bands:  ## timestep-band masks vs one mask: training step and DDIM wall time (about a minute)
+	$(PYTHON) -m benchmarks.timestep_bands
 
 report:  ## tables and plots of a finished sweep: make report SWEEP=multirun/demo_cpu_kanjivg
 	$(PYTHON) -m sparse_dm.report sweep_dir=$(SWEEP) out=reports/$(notdir $(SWEEP))

@@ -42,7 +42,7 @@ from sparse_dm.sparsity.step import SparseStep
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 FULL = {
-    "train_pairs": 40,
+    "train_pairs": 120,
     "warmup": 3,
     "update_repeats": 5,
     "ddim_pairs": 5,

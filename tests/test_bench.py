@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from benchmarks import timestep_bands
 from benchmarks.suite import QUICK, run
 
 
@@ -15,8 +16,19 @@ def test_quick_bench_writes_json_and_matching_markdown(tmp_path):
         assert f"| {record['model']} | {record['params']:,} |" in markdown
         assert record["mask_update_ms"] > 0 and record["dense_ms"] > 0
         assert f"{record['mask_update_ms']:.1f}" in markdown
+        assert 0 < record["bookkeeping_ms"] < record["dense_ms"]
+        assert f"{record['bookkeeping_ms']:.2f} ms" in markdown
     (sampled,) = results["sampling"]
     assert sampled["max_abs_diff"] < 1e-3 * max(1.0, sampled["max_abs_sample"])  # same samples
     assert f"{sampled['speedup']:.2f}x" in markdown
     (size,) = results["size"]
     assert size["export_bytes"] < 0.25 * size["dense_state_dict_bytes"]  # S=0.9
+
+
+def test_quick_band_bench_writes_json_and_matching_markdown(tmp_path):
+    results = timestep_bands.run(timestep_bands.QUICK, tmp_path / "bands.json")
+    assert json.loads((tmp_path / "bands.json").read_text()) == json.loads(json.dumps(results))
+    markdown = timestep_bands.write_markdown(results, tmp_path / "bands.md").read_text()
+    for ratio in ("train_step_ratio_banded_over_single", "ddim_ratio_banded_over_single"):
+        assert results[ratio] > 0
+        assert f"{results[ratio]:.3f} |" in markdown

@@ -280,7 +280,7 @@ class ResumeCheckpoint(Checkpoint):
         periodic = bool(self.every_n_train_steps) and step % int(self.every_n_train_steps) == 0
         if preempt or periodic or is_final_step(trainer):
             refuse_non_finite(pl_module, step, self.path)
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # resumable: optimizer, loops, callbacks
         if preempt:
             requeued = self.requeue and SLURMEnvironment.detect()
             if requeued and trainer.is_global_zero:
