@@ -53,7 +53,8 @@ STUDY_GPU = "study_kanjivg_gpu"  # the same arms, longer, on a GPU
 STUDY_SWEEPS = {  # arms (study_arm/) x 3 seeds
     STUDY: 27,
     STUDY_GPU: 27,
-    "study_tsteps_kanjivg_cpu": 12,
+    "study_tsteps_kanjivg_cpu": 15,
+    "study_tsteps_kanjivg_gpu": 6,
 }
 STUDY_ARMS = {  # study_arm -> (method, S, p)
     "dense": ("dense", 0.0, 0.5),
@@ -94,6 +95,20 @@ def test_gpu_study_is_the_cpu_study_longer_with_te_scaled_the_same_way(hydra_ctx
         assert gpu.update_interval == round(PAPER_TE * steps / PAPER_STEPS)  # the paper's update count
         assert gpu.trainer.accelerator == "gpu" and gpu.trainer.check_val_every_n_epoch is None
         assert gpu.model == cpu.model and gpu.method.name == cpu.method.name
+        assert (gpu.sparsity, gpu.prune_rate) == (cpu.sparsity, cpu.prune_rate)
+
+
+def test_gpu_band_study_is_the_cpu_band_study_longer_with_te_scaled_the_same_way(hydra_ctx):
+    _, jobs = expand("study_tsteps_kanjivg_gpu")
+    assert values(jobs, "study_arm") == {"rigl_s90", "rigl_s90_tbands"}
+    for arm in ("rigl_s90", "rigl_s90_tbands"):
+        cpu = compose("study_tsteps_kanjivg_cpu", overrides=[SEARCH, f"study_arm={arm}"])
+        gpu = compose("study_tsteps_kanjivg_gpu", overrides=[SEARCH, f"study_arm={arm}"])
+        config.validate(gpu)
+        assert gpu.update_interval == round(PAPER_TE * gpu.trainer.max_steps / PAPER_STEPS)
+        assert gpu.trainer.accelerator == "gpu" and gpu.trainer.check_val_every_n_epoch is None
+        assert gpu.model == cpu.model and gpu.method.name == cpu.method.name
+        assert gpu.method.timestep_bands == cpu.method.timestep_bands
         assert (gpu.sparsity, gpu.prune_rate) == (cpu.sparsity, cpu.prune_rate)
 
 
