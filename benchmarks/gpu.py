@@ -416,18 +416,24 @@ def run(settings: dict, device: torch.device, out_json: Path, out_md: Path) -> d
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def device_main(description: str, run_fn: Callable[..., Any], full: dict, quick: dict, name: str) -> None:
+    """The command line of a GPU benchmark (this one and benchmarks/gpu_bands.py): settings, device,
+    where the JSON and its markdown go (benchmarks/results_<name>.json, docs/benchmarks_<name>.md)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
     parser.add_argument("--device", default="cuda", help="cuda (the point) or cpu (to test the script)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results_gpu.json"))
-    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks_gpu.md")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name(f"results_{name}.json"))
+    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / f"benchmarks_{name}.md")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmarks.gpu: no CUDA device here (use --device cpu only to test the script)")
-    run(QUICK if args.quick else FULL, device, args.out, args.markdown)
+        raise SystemExit(f"{parser.prog}: no CUDA device here (use --device cpu only to test the script)")
+    run_fn(quick if args.quick else full, device, args.out, args.markdown)
     print(args.markdown.read_text())
+
+
+def main() -> None:
+    device_main(__doc__.splitlines()[0], run, FULL, QUICK, "gpu")
 
 
 if __name__ == "__main__":

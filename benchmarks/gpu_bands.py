@@ -11,7 +11,6 @@ docs/benchmarks_gpu_bands.md (the same checks table as benchmarks/gpu.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -21,8 +20,7 @@ import torch
 
 from benchmarks.gpu import FULL as GPU_FULL
 from benchmarks.gpu import QUICK as GPU_QUICK
-from benchmarks.gpu import checks_table, run_checks
-from benchmarks.suite import ROOT
+from benchmarks.gpu import checks_table, device_main, run_checks
 
 BANDS = ["method.timestep_bands={boundaries:[500],sparsities:[0.85,0.95]}"]
 FULL = {
@@ -62,17 +60,7 @@ def run(settings: dict, device: torch.device, out_json: Path, out_md: Path) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny settings, for tests")
-    parser.add_argument("--device", default="cuda", help="cuda (the point) or cpu (to test the script)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results_gpu_bands.json"))
-    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks_gpu_bands.md")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmarks.gpu_bands: no CUDA device here (--device cpu only tests the script)")
-    run(QUICK if args.quick else FULL, device, args.out, args.markdown)
-    print(args.markdown.read_text())
+    device_main(__doc__.splitlines()[0], run, FULL, QUICK, "gpu_bands")
 
 
 if __name__ == "__main__":
