@@ -2,9 +2,9 @@
 
 Per layer: the input projection of every step and both directions is one matmul
 W_in @ [x(s); 1; x(L_b - 1 - s)] over all packed columns (see packing.py), and each step is two
-block-diagonal matmuls W_rec @ [h_f; h_r; 1] for both directions (r and z rows accumulated in place
-onto their input part; n rows apart), followed by four elementwise ops, all in place or into
-preallocated buffers (no allocation or copy inside the loop).
+block-diagonal matmuls W_rec @ [h_f; h_r; 1] for both directions (r and z rows added to their input
+part in a contiguous buffer; n rows in place, without torch's self-copy of `out`), followed by four
+elementwise ops, all into preallocated buffers (no allocation inside the loop).
 Biases ride along as a column multiplying the constant row of ones. Gate math is nn.GRU's:
 r = s(Wi_r x + Wh_r h + b), z = s(...), n = tanh(Wi_n x + b_in + r * (Wh_n h + b_hn)),
 h' = n + z * (h - n), computed on the shifted state u = (h + 1) / 2: with tanh(a) = 2 s(2a) - 1 it
