@@ -19,3 +19,13 @@ def test_quick_band_checks_on_cpu_read_every_band(tmp_path):
     assert check["mask_updates"] >= 1 and check["layers_exact"] and check["values_inside_masks"]
     assert check["cpu_cuda_max_abs_diff"] == 0.0  # same device, same band routing: the same numbers
     assert "method.timestep_bands={boundaries:[500]" in (tmp_path / "bands.md").read_text()
+
+
+def test_exact_counts_reads_every_band_when_a_layer_has_bands():
+    from benchmarks.gpu import exact_counts
+
+    single = {"nnz": 10, "target_nnz": 10}
+    assert exact_counts(single) and not exact_counts({**single, "nnz": 9})
+    banded = {"nnz": 14, "target_nnz": None, "band_nnz": [10, 6], "band_target_nnz": [10, 6]}
+    assert exact_counts(banded)
+    assert not exact_counts({**banded, "band_nnz": [10, 5]})  # one band off its target
