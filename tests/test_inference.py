@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from compiled_loop import LOOPS, recurrence_for
 from run_config import TINY_CHIRODIFF, compose_config
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -44,22 +45,42 @@ def variable_lengths(batch: int, max_len: int, generator: torch.Generator) -> to
     return lengths
 
 
-@pytest.mark.parametrize("sparse_storage", [True, False])
-def test_sparse_bigru_equals_packed_nn_gru(sparse_storage):
-    torch.manual_seed(0)
-    gru = nn.GRU(5, 8, num_layers=3, batch_first=True, bidirectional=True)
-    reference = masked_with_live_values(gru, density=0.3)
-    form = SparseBiGRU(gru, [sparse_storage] * 3, [sparse_storage] * 3)
-    batch, max_len = 6, 9
-    generator = torch.Generator().manual_seed(1)
+def bigru_case(loop: str, sparse_storage: bool, hidden: int, batch: int, max_len: int, seed: int = 0):
+    """A 3-layer masked bi-GRU with live values outside its masks, its inference form, and inputs."""
+    torch.manual_seed(seed)
+    gru = nn.GRU(5, hidden, num_layers=3, batch_first=True, bidirectional=True)
+    reference = masked_with_live_values(gru, density=0.3, seed=seed)
+    form = SparseBiGRU(gru, [sparse_storage] * 3, [sparse_storage] * 3, recurrence_for(loop))
+    generator = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, max_len, 5, generator=generator)
-    lengths = variable_lengths(batch, max_len, generator)
+    return reference, form, x, variable_lengths(batch, max_len, generator)
+
+
+def assert_bigru_matches(
+    reference: nn.GRU, form: SparseBiGRU, x: torch.Tensor, lengths: torch.Tensor
+) -> None:
+    batch, max_len, _ = x.shape
     with torch.no_grad():
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         expected, _ = pad_packed_sequence(reference(packed)[0], batch_first=True, total_length=max_len)
-        columns = pack_columns(lengths, batch, max_len)
+        columns = pack_columns(lengths, batch, max_len, form.lanes)
         got = form.unpack(form(paired_input(x, columns), columns), columns)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("sparse_storage", [True, False])
+def test_sparse_bigru_equals_packed_nn_gru(loop, sparse_storage):
+    assert_bigru_matches(*bigru_case(loop, sparse_storage, hidden=8, batch=6, max_len=9))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_sparse_bigru_reuses_its_buffers_only_for_the_same_steps(loop):
+    """Two batches with the same size and the same number of real columns but different step
+    structures: buffers made for the first must not serve the second."""
+    reference, form, x, _ = bigru_case(loop, True, hidden=8, batch=4, max_len=6)
+    for lengths in ([6, 1, 1, 4], [3, 3, 3, 3], [6, 1, 1, 4]):
+        assert_bigru_matches(reference, form, x, torch.tensor(lengths))
 
 
 def test_sparse_linear_equals_masked_linear():
@@ -70,14 +91,15 @@ def test_sparse_linear_equals_masked_linear():
     torch.testing.assert_close(SparseLinear(linear)(x), reference(x).detach(), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("conditional", [False, True])
 @pytest.mark.parametrize("packed", [True, False])
-def test_sparse_chirodiff_equals_masked_dense(conditional, packed):
+def test_sparse_chirodiff_equals_masked_dense(conditional, packed, loop):
     torch.manual_seed(0)
     kwargs = {"num_classes": 3, "class_embed_dim": 4} if conditional else {}
     net = ChiroDiffNet(hidden_size=8, num_layers=2, **kwargs)
     reference = masked_with_live_values(net, density=0.2).eval()
-    form, choices = inference_form(net, ALL_CSR)
+    form, choices = inference_form(net, Thresholds(1.0, 1.0, recurrence_for(loop)))
     assert isinstance(form, SparseChiroDiffNet)
     assert {c.kernel for c in choices} == {"csr"}
     batch, max_len = 5, 11
@@ -126,7 +148,8 @@ def test_generic_form_replaces_sparse_linears_only():
     assert len(choices) == 3
 
 
-def test_ddim_samples_equal_on_both_backends(tmp_path):
+@pytest.mark.parametrize("loop", LOOPS)
+def test_ddim_samples_equal_on_both_backends(tmp_path, loop):
     """End to end: the module's own sampler (DDIM, as configured) with the dense net and with the
     sparse form, same seed -> the same drawings."""
     overrides = [*TINY_CHIRODIFF, "model.net.num_layers=2", "method=static", "sparsity=0.8"]
@@ -140,8 +163,9 @@ def test_ddim_samples_equal_on_both_backends(tmp_path):
     dense = module.generate(6, torch.Generator().manual_seed(0), steps=10)
     with module.ema_weights():
         dense_ema = module.generate(6, torch.Generator().manual_seed(0), steps=10)
-    install_inference_form(module, ALL_CSR, weights="ema")
+    install_inference_form(module, Thresholds(1.0, 1.0, recurrence_for(loop)), weights="ema")
     assert isinstance(module.net, SparseChiroDiffNet)
+    assert (module.net.gru.recurrence is None) == (loop == "torch")
     with module.sampling_weights():
         sparse = module.generate(6, torch.Generator().manual_seed(0), steps=10)
     assert [len(s) for s in sparse] == [len(s) for s in dense_ema]

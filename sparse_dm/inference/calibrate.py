@@ -18,7 +18,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from sparse_dm.inference.compiled import KernelUnavailable, Recurrence, load_recurrence
 from sparse_dm.inference.kernels import matmul_into, to_csr
 from sparse_dm.inference.packing import pack_columns, paired_input
 from sparse_dm.inference.sparse_gru import SparseBiGRU
@@ -34,15 +35,22 @@ log = logging.getLogger(__name__)
 
 CACHE_FILE = "calibration.json"
 AUTO = "auto"
+GRU_LOOPS = (AUTO, "compiled", "torch")
 
 
 @dataclass(frozen=True)
 class Thresholds:
     """Store a matrix as CSR when its density <= `linear`; run a GRU as SparseBiGRU when every
-    recurrent matrix has density <= `gru`."""
+    recurrent matrix has density <= `gru`, with the compiled `recurrence` (None: the torch-op loop)."""
 
     linear: float
     gru: float
+    recurrence: Recurrence | None = field(default=None, compare=False)
+
+    @property
+    def gru_loop(self) -> str:
+        """The loop that runs, named precisely enough to key a calibration by."""
+        return "torch" if self.recurrence is None else f"compiled:{self.recurrence.library.stem}"
 
 
 @dataclass(frozen=True)
@@ -112,13 +120,15 @@ def linear_speedup(protocol: CalibrationProtocol, density: float, generator: tor
 
 
 @torch.no_grad()
-def gru_speedup(protocol: CalibrationProtocol, density: float, generator: torch.Generator) -> float:
+def gru_speedup(
+    protocol: CalibrationProtocol, density: float, generator: torch.Generator, recurrence: Recurrence | None
+) -> float:
     inputs, hidden, length, batch = protocol.gru_shape
     gru = nn.GRU(inputs, hidden, batch_first=True, bidirectional=True)
     for name, param in gru.named_parameters():
         if name.startswith("weight"):
             param.copy_(random_sparse(tuple(param.shape), density, generator))
-    sparse_gru = SparseBiGRU(gru, [True], [True])
+    sparse_gru = SparseBiGRU(gru, [True], [True], recurrence)
     x = torch.randn(batch, length, inputs, generator=generator)
     lengths = torch.randint(length // 2, length + 1, (batch,), generator=generator)
     lengths[0] = length
@@ -127,7 +137,7 @@ def gru_speedup(protocol: CalibrationProtocol, density: float, generator: torch.
         gru(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
 
     def sparse() -> None:
-        columns = pack_columns(lengths, batch, length)
+        columns = pack_columns(lengths, batch, length, sparse_gru.lanes)
         sparse_gru(paired_input(x, columns), columns)
 
     return paired_speedup(dense, sparse, protocol)
@@ -143,13 +153,16 @@ def crossover(speedups: dict[float, float]) -> float:
     return best
 
 
-def measure_thresholds(protocol: CalibrationProtocol) -> tuple[Thresholds, dict[str, dict[float, float]]]:
+def measure_thresholds(
+    protocol: CalibrationProtocol, recurrence: Recurrence | None
+) -> tuple[Thresholds, dict[str, dict[float, float]]]:
     generator = torch.Generator().manual_seed(protocol.seed)
     speedups = {
         "linear": {d: linear_speedup(protocol, d, generator) for d in protocol.densities},
-        "gru": {d: gru_speedup(protocol, d, generator) for d in protocol.densities},
+        "gru": {d: gru_speedup(protocol, d, generator, recurrence) for d in protocol.densities},
     }
-    return Thresholds(crossover(speedups["linear"]), crossover(speedups["gru"])), speedups
+    thresholds = Thresholds(crossover(speedups["linear"]), crossover(speedups["gru"]), recurrence)
+    return thresholds, speedups
 
 
 def default_cache_dir() -> Path:
@@ -157,24 +170,30 @@ def default_cache_dir() -> Path:
     return Path(base) / "sparse_dm"
 
 
-def machine_key(protocol: CalibrationProtocol) -> str:
+def machine_key(protocol: CalibrationProtocol, gru_loop: str) -> str:
     """Everything a measured threshold depends on."""
     digest = hashlib.sha256(json.dumps(asdict(protocol), sort_keys=True).encode()).hexdigest()[:12]
     cpu = platform.processor() or platform.machine()
-    return f"torch={torch.__version__}|threads={torch.get_num_threads()}|cpu={cpu}|protocol={digest}"
+    return (
+        f"torch={torch.__version__}|threads={torch.get_num_threads()}|cpu={cpu}|gru_loop={gru_loop}"
+        f"|protocol={digest}"
+    )
 
 
-def cached_thresholds(protocol: CalibrationProtocol, cache_dir: Path | None = None) -> Thresholds:
-    """Measured thresholds for this machine, from the cache file or measured now (and cached)."""
+def cached_thresholds(
+    protocol: CalibrationProtocol, recurrence: Recurrence | None, cache_dir: Path | None = None
+) -> Thresholds:
+    """Measured thresholds for this machine and GRU loop, from the cache file or measured now (and
+    cached)."""
     path = (cache_dir or default_cache_dir()) / CACHE_FILE
     cache: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    key = machine_key(protocol)
+    key = machine_key(protocol, Thresholds(0.0, 0.0, recurrence).gru_loop)
     if key in cache:
-        return Thresholds(**cache[key]["thresholds"])
+        return Thresholds(**cache[key]["thresholds"], recurrence=recurrence)
     log.info("calibrating CSR vs dense on this machine (cached in %s)", path)
-    thresholds, speedups = measure_thresholds(protocol)
+    thresholds, speedups = measure_thresholds(protocol, recurrence)
     cache[key] = {
-        "thresholds": asdict(thresholds),
+        "thresholds": {"linear": thresholds.linear, "gru": thresholds.gru},
         "speedup_by_density": {kind: {str(d): s for d, s in v.items()} for kind, v in speedups.items()},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -193,13 +212,33 @@ def _fixed_threshold(value: Any, key: str) -> float | None:
     return number
 
 
+def resolve_recurrence(gru_loop: str, cache_dir: Path) -> Recurrence | None:
+    """`inference.gru_loop` -> the compiled recurrence, or None for the torch-op loop. 'auto' takes
+    the compiled loop when it builds here and otherwise warns (naming why) and takes the torch one."""
+    if gru_loop not in GRU_LOOPS:
+        raise ValueError(f"inference.gru_loop must be one of {GRU_LOOPS}, got {gru_loop!r}")
+    if gru_loop == "torch":
+        return None
+    try:
+        return load_recurrence(cache_dir)
+    except KernelUnavailable as error:
+        if gru_loop == "compiled":
+            raise KernelUnavailable(f"inference.gru_loop=compiled: {error}") from error
+        log.warning("inference.gru_loop=auto: the compiled GRU loop is unavailable, so the slower torch-op "
+                    "loop runs. %s", error)  # fmt: skip
+        return None
+
+
 def resolve_thresholds(cfg: Mapping[str, Any]) -> Thresholds:
-    """`inference` config -> thresholds: fixed numbers as given, 'auto' measured (cached)."""
+    """`inference` config -> thresholds and GRU loop: fixed numbers as given, 'auto' measured
+    (cached) with the loop that will run."""
     linear = _fixed_threshold(cfg["threshold_linear"], "inference.threshold_linear")
     gru = _fixed_threshold(cfg["threshold_gru"], "inference.threshold_gru")
+    cache_dir = Path(cfg["cache_dir"]).expanduser() if cfg.get("cache_dir") else default_cache_dir()
+    recurrence = resolve_recurrence(str(cfg.get("gru_loop", AUTO)), cache_dir)
     if linear is None or gru is None:
-        cache_dir = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else None
-        measured = cached_thresholds(CalibrationProtocol.from_mapping(cfg["calibration"]), cache_dir)
+        protocol = CalibrationProtocol.from_mapping(cfg["calibration"])
+        measured = cached_thresholds(protocol, recurrence, cache_dir)
         linear = measured.linear if linear is None else linear
         gru = measured.gru if gru is None else gru
-    return Thresholds(linear, gru)
+    return Thresholds(linear, gru, recurrence)

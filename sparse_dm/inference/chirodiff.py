@@ -13,6 +13,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from sparse_dm.inference.compiled import Recurrence
 from sparse_dm.inference.kernels import masked_weight, storage
 from sparse_dm.inference.packing import PackedColumns, natural_columns, pack_columns, paired_input
 from sparse_dm.inference.sparse_gru import SparseBiGRU, shifted_columns
@@ -24,7 +25,9 @@ class SparseChiroDiffNet(nn.Module):
     """Inference form of a (masked) ChiroDiffNet. `sparse` maps each prunable matrix to CSR or not:
     keys `gru.input.<l>`, `gru.recurrent.<l>`, `proj`, `out`."""
 
-    def __init__(self, net: ChiroDiffNet, sparse: dict[str, bool]) -> None:
+    def __init__(
+        self, net: ChiroDiffNet, sparse: dict[str, bool], recurrence: Recurrence | None = None
+    ) -> None:
         super().__init__()
         self.time_embed = copy.deepcopy(net.time_embed)
         self.class_embed = copy.deepcopy(net.class_embed)
@@ -33,6 +36,7 @@ class SparseChiroDiffNet(nn.Module):
             net.gru,
             [sparse[f"gru.input.{layer}"] for layer in layers],
             [sparse[f"gru.recurrent.{layer}"] for layer in layers],
+            recurrence,
         )
         hidden = net.gru.hidden_size
         at_step, _ = natural_columns(2 * hidden, from_bigru=True)
@@ -63,7 +67,7 @@ class SparseChiroDiffNet(nn.Module):
             )
         )
         if not same:
-            self._columns = pack_columns(key, batch, max_len)
+            self._columns = pack_columns(key, batch, max_len, self.gru.lanes)
             self._lengths = None if key is None else key.clone()
         assert self._columns is not None
         return self._columns
@@ -79,9 +83,11 @@ class SparseChiroDiffNet(nn.Module):
         hidden = self.gru(paired_input(features, columns), columns)
         projected = torch.mm(self.proj_weight, hidden)
         c_columns = c.index_select(0, columns.order).t().index_select(1, columns.sorted_batch)
-        eps = torch.mm(self.out_weight, torch.cat([projected, c_columns])).t()
-        eps = eps + self.out_bias
+        eps = torch.mm(self.out_weight, torch.cat([projected, c_columns]))
+        if columns.padded:
+            eps = eps.index_select(1, columns.real)
+        eps = eps.t() + self.out_bias
         padded = torch.cat([self.proj_bias.expand(batch, -1), c], dim=1) @ self.out_weight_full.t()
         result = (padded + self.out_bias)[:, None, :].expand(batch, max_len, channels).reshape(-1, channels)
-        result = result.index_copy(0, columns.source_rows, eps)
+        result = result.index_copy(0, columns.source_rows[columns.real], eps)
         return result.view(batch, max_len, channels)

@@ -2,8 +2,9 @@
 
 `inference_form(net, thresholds)` works on any network carrying `<param>_mask` buffers (what the
 SparseEngine registers, and what every checkpoint and `.sdm` export holds):
-- ChiroDiffNet whose GRU is sparse enough (`thresholds.gru`): `SparseChiroDiffNet`, feature-major
-  end to end, each matrix CSR when its density <= `thresholds.linear`;
+- a float32 ChiroDiffNet whose GRU is sparse enough (`thresholds.gru`): `SparseChiroDiffNet`,
+  feature-major end to end, each matrix CSR when its density <= `thresholds.linear`, the GRU steps
+  in the compiled loop when `thresholds.recurrence` is set;
 - anything else: a copy with masked `nn.Linear` layers below `thresholds.linear` replaced by
   `SparseLinear` and every other masked weight multiplied out (convolutions stay dense: unstructured
   CSR convolutions were never faster on CPU, see docs/benchmarks.md).
@@ -106,9 +107,13 @@ def generic_form(net: nn.Module, thresholds: Thresholds) -> tuple[nn.Module, lis
 
 
 def _single_form(net: nn.Module, thresholds: Thresholds) -> tuple[nn.Module, list[LayerChoice]]:
-    choices = chirodiff_choices(net, thresholds) if isinstance(net, ChiroDiffNet) else None
+    float32 = all(p.dtype == torch.float32 for p in net.parameters())
+    choices = chirodiff_choices(net, thresholds) if isinstance(net, ChiroDiffNet) and float32 else None
     if choices is not None:
-        form: nn.Module = SparseChiroDiffNet(net, {c.name: c.kernel == CSR for c in choices})
+        log.info("inference form: the GRU steps run the %s loop", thresholds.gru_loop)
+        form: nn.Module = SparseChiroDiffNet(
+            net, {c.name: c.kernel == CSR for c in choices}, thresholds.recurrence
+        )
     else:
         form, choices = generic_form(net, thresholds)
     return form.eval(), choices

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparse_dm.inference.kernels import masked_weight, matmul_into, storage
+from sparse_dm.inference.compiled import ALIGNMENT, Recurrence
+from sparse_dm.inference.kernels import masked_weight, matmul_into, storage, to_csr
 from sparse_dm.inference.packing import PackedColumns, natural_columns
 
 GATES = 3  # r, z, n
@@ -99,17 +100,31 @@ class SparseBiGRU(nn.Module):
     (4H + 1, N): [u_f(s), u_r(s); 1; u_f(s'), u_r(s')] with u = (y + 1) / 2 (so a consumer folds
     the shift into its weight with `shifted_columns`), which stays valid until the next call
     (its buffers are reused, so repeated calls on the same lengths allocate nothing).
+
+    `recurrence`: the compiled loop (`compiled.load_recurrence`), which runs each layer's steps in one
+    call with the recurrent weight as CSR arrays (then `sparse_recurrent` is moot); None runs the
+    torch-op loop in `forward`.
     """
 
-    def __init__(self, gru: nn.GRU, sparse_input: list[bool], sparse_recurrent: list[bool]) -> None:
+    def __init__(
+        self,
+        gru: nn.GRU,
+        sparse_input: list[bool],
+        sparse_recurrent: list[bool],
+        recurrence: Recurrence | None = None,
+    ) -> None:
         super().__init__()
         if not (gru.bidirectional and gru.batch_first) or gru.mode != "GRU" or gru.proj_size:
             raise ValueError("SparseBiGRU converts bidirectional, batch_first nn.GRU modules only")
+        if recurrence is not None and gru.weight_hh_l0.dtype != torch.float32:
+            raise ValueError(f"the compiled GRU recurrence runs float32 only, not {gru.weight_hh_l0.dtype}")
         self.hidden = gru.hidden_size
         self.num_layers = gru.num_layers
         self.input_size = gru.input_size
+        self.recurrence = recurrence
         self.input_weights: list[Tensor] = []
         self.recurrent_weights: list[tuple[Tensor, Tensor]] = []
+        self.recurrent_csr: list[tuple[Tensor, Tensor, Tensor]] = []
         for layer in range(gru.num_layers):
             fwd, rev = f"_l{layer}", f"_l{layer}_reverse"
             w_in = paired_weight(
@@ -125,6 +140,10 @@ class SparseBiGRU(nn.Module):
                 torch.cat([getattr(gru, "bias_hh" + fwd), getattr(gru, "bias_hh" + rev)]).detach(),
             )
             self.input_weights.append(storage(w_in, sparse_input[layer]))
+            if recurrence is not None:
+                csr = to_csr(w_rec)
+                self.recurrent_csr.append((csr.crow_indices(), csr.col_indices(), csr.values()))
+                continue
             rz_rows = 2 * 2 * self.hidden  # r and z of both directions, then n
             self.recurrent_weights.append(
                 (
@@ -133,11 +152,19 @@ class SparseBiGRU(nn.Module):
                 )
             )
         self._workspace: dict[str, Any] = {}
-        self._workspace_key: tuple[int, int] | None = None
+        self._workspace_key: tuple[tuple[int, ...], int] | None = None
+
+    @property
+    def lanes(self) -> int:
+        """Pack this module's input with `pack_columns(..., lanes=module.lanes)`."""
+        return 1 if self.recurrence is None else self.recurrence.lanes
 
     def _buffers_for(self, columns: PackedColumns) -> dict[str, Any]:
-        key = (columns.num_columns, columns.batch)
-        if key != self._workspace_key:
+        key = (columns.active, columns.lanes)  # the step structure (it fixes offsets and mirror)
+        if key != self._workspace_key and self.recurrence is not None:
+            self._workspace = self._compiled_workspace(columns)
+            self._workspace_key = key
+        elif key != self._workspace_key:
             two_h, n = 2 * self.hidden, columns.num_columns
             outputs = [torch.empty(2 * two_h + 1, n) for _ in range(min(self.num_layers, 2))]
             for out in outputs:
@@ -152,6 +179,29 @@ class SparseBiGRU(nn.Module):
             }
             self._workspace_key = key
         return self._workspace
+
+    def _compiled_workspace(self, columns: PackedColumns) -> dict[str, Any]:
+        """Buffers of the compiled loop, on `columns`' padded layout (whole vectors per step)."""
+        assert self.recurrence is not None
+        if columns.lanes % self.recurrence.lanes:
+            raise ValueError(
+                f"the compiled GRU loop needs columns packed with lanes={self.recurrence.lanes} "
+                f"(pack_columns(..., lanes=module.lanes)), got lanes={columns.lanes}"
+            )
+        two_h = 2 * self.hidden
+        outputs = [torch.zeros(2 * two_h + 1, columns.num_columns) for _ in range(min(self.num_layers, 2))]
+        for out in outputs:
+            out[two_h].fill_(1.0)
+        work = {
+            "offsets": torch.tensor(columns.offsets, dtype=torch.int32),
+            "active": torch.tensor(columns.active, dtype=torch.int32),
+            "mirror": columns.mirror.to(torch.int32),
+            "gates_in": torch.empty(GATES * two_h, columns.num_columns),
+            "outputs": outputs,
+        }
+        if any(t.data_ptr() % ALIGNMENT for t in [work["gates_in"], *outputs]):
+            raise RuntimeError(f"the compiled GRU recurrence needs {ALIGNMENT}-byte aligned buffers")
+        return work
 
     def _step_views(self, columns: PackedColumns, gates_in: Tensor) -> list[StepViews]:
         """Step s keeps its new state in its own contiguous (2H + 1, active[s]) block (row of ones
@@ -189,6 +239,8 @@ class SparseBiGRU(nn.Module):
     @torch.no_grad()
     def forward(self, paired: Tensor, columns: PackedColumns) -> Tensor:
         work = self._buffers_for(columns)
+        if self.recurrence is not None:
+            return self._compiled_forward(paired, columns, work)
         two_h = 2 * self.hidden
         for layer in range(self.num_layers):
             out = work["outputs"][layer % 2]
@@ -204,10 +256,27 @@ class SparseBiGRU(nn.Module):
             paired = out
         return paired
 
+    def _compiled_forward(self, paired: Tensor, columns: PackedColumns, work: dict[str, Any]) -> Tensor:
+        assert self.recurrence is not None
+        threads = torch.get_num_threads()
+        for layer in range(self.num_layers):
+            out = work["outputs"][layer % 2]
+            matmul_into(self.input_weights[layer], paired, work["gates_in"])
+            crow, col, values = self.recurrent_csr[layer]
+            status = self.recurrence.run(
+                self.hidden, len(columns.active), work["offsets"].data_ptr(), work["active"].data_ptr(),
+                work["gates_in"].data_ptr(), columns.num_columns, crow.data_ptr(), col.data_ptr(),
+                values.data_ptr(), out.data_ptr(), work["mirror"].data_ptr(), SHIFTED_ZERO, threads,
+            )  # fmt: skip
+            if status != 0:
+                raise MemoryError("the compiled GRU recurrence could not allocate its scratch or thread")
+            paired = out
+        return paired
+
     def unpack(self, paired: Tensor, columns: PackedColumns) -> Tensor:
         """A paired output -> nn.GRU's batch-first output (B, L, 2H), zeros at padded positions."""
         hidden = self.hidden
         natural = torch.cat([paired[:hidden], paired[3 * hidden + 1 :]]).mul(2).sub(1).t()
         flat = torch.zeros(columns.batch * columns.max_len, 2 * hidden, dtype=paired.dtype)
-        flat.index_copy_(0, columns.source_rows, natural)
+        flat.index_copy_(0, columns.source_rows[columns.real], natural[columns.real])
         return flat.view(columns.batch, columns.max_len, 2 * hidden)
