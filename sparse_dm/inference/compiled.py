@@ -1,5 +1,5 @@
-"""The compiled GRU recurrence (csrc/bigru_recurrence.c): built with the system C compiler, loaded
-with ctypes.
+"""The compiled GRU loop (csrc/bigru_recurrence.c): built with the system C compiler, loaded with
+ctypes.
 
 Why compiled: the torch-op loop pays MKL's per-call set-up and six tensor ops per step, and MKL's
 CSR product runs at ~11 GFMA/s on a 64-column operand; the C loop runs a whole layer in one call.
@@ -27,16 +27,23 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "bigru_recurrence.c"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread")
+# Threads for the two directions: torch's own OpenMP workers where the compiler has OpenMP (the
+# process then holds one libgomp.so.1, torch's), else pthreads (e.g. Apple clang).
+THREADING = {"openmp": ("-fopenmp",), "pthreads": ()}
 ARGTYPES = (
     ctypes.c_int,  # hidden
     ctypes.c_int,  # steps
     ctypes.c_void_p,  # offsets: first padded column of each step (int32)
     ctypes.c_void_p,  # active: real columns of each step (int32)
-    ctypes.c_void_p,  # gates_in (float32, 6H x Np)
+    ctypes.c_void_p,  # x: the paired input (float32, K x Np)
+    ctypes.c_void_p,  # input weight crow (int32)
+    ctypes.c_void_p,  # input weight col (int32)
+    ctypes.c_void_p,  # input weight values (float32)
+    ctypes.c_void_p,  # gates_in: scratch (float32, 6H x Np)
     ctypes.c_int64,  # Np: padded columns
-    ctypes.c_void_p,  # crow (int32)
-    ctypes.c_void_p,  # col (int32)
-    ctypes.c_void_p,  # values (float32)
+    ctypes.c_void_p,  # recurrent weight crow (int32)
+    ctypes.c_void_p,  # recurrent weight col (int32)
+    ctypes.c_void_p,  # recurrent weight values (float32)
     ctypes.c_void_p,  # out (float32, 4H + 1 x Np)
     ctypes.c_void_p,  # mirror: source column of each padded column of the mirrored rows (int32)
     ctypes.c_float,  # initial shifted state
@@ -47,12 +54,13 @@ ALIGNMENT = 64  # bytes: every buffer the kernel reads with vector loads starts 
 
 @dataclass(frozen=True)
 class Recurrence:
-    """The loaded kernel: `run(*ARGTYPES)` returns 0 on success; columns of each step are padded
-    to a multiple of `lanes`."""
+    """The loaded kernel: `run(*ARGTYPES)` runs one bidirectional layer and returns 0 on success;
+    columns of each step are padded to a multiple of `lanes`."""
 
     run: Callable[..., int]
     lanes: int
     library: Path  # named by a hash of source, compiler, flags and CPU
+    threading: str  # a key of THREADING
 
 
 class KernelUnavailable(RuntimeError):
@@ -81,25 +89,33 @@ def compiler_version(compiler: str) -> str:
     return done.stdout
 
 
-def library_path(cache_dir: Path, compiler: str) -> Path:
+def library_path(cache_dir: Path, compiler: str, flags: tuple[str, ...]) -> Path:
     digest = hashlib.sha256()
     for part in (SOURCE.read_bytes(), compiler.encode(), compiler_version(compiler).encode(),
-                 " ".join(FLAGS).encode(), cpu_identity().encode()):  # fmt: skip
+                 " ".join(flags).encode(), cpu_identity().encode()):  # fmt: skip
         digest.update(part)
     return cache_dir / "kernels" / f"bigru_recurrence-{digest.hexdigest()[:16]}.so"
 
 
-def build(target: Path, compiler: str) -> None:
+def build(target: Path, compiler: str, flags: tuple[str, ...]) -> None:
     """Compile into a temporary file in the cache, then rename: concurrent builders never see (or
-    load) a half-written library."""
+    load) a half-written library. A failure is remembered next to the target (not retried)."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    failure = target.with_suffix(".failed")
+    if failure.is_file():
+        raise KernelUnavailable(failure.read_text())
     handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
-    command = [compiler, *FLAGS, "-o", temporary, str(SOURCE)]
+    command = [compiler, *flags, "-o", temporary, str(SOURCE)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise KernelUnavailable(f"`{' '.join(command)}` did not run: {error}") from error
         if done.returncode != 0:
-            raise KernelUnavailable(f"`{' '.join(command)}` failed:\n{done.stderr.strip()}")
+            message = f"`{' '.join(command)}` failed:\n{done.stderr.strip()}"
+            failure.write_text(message)
+            raise KernelUnavailable(message)
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):
@@ -110,15 +126,25 @@ def build(target: Path, compiler: str) -> None:
 def load_recurrence(cache_dir: Path) -> Recurrence:
     """The kernel (built on first use). Raises KernelUnavailable with the reason."""
     compiler = find_compiler()
-    path = library_path(cache_dir, compiler)
-    if not path.is_file():
-        log.info("compiling the GRU recurrence kernel: %s", path)
-        build(path, compiler)
+    errors = []
+    for threading, extra in THREADING.items():
+        path = library_path(cache_dir, compiler, (*FLAGS, *extra))
+        try:
+            if not path.is_file():
+                log.info("compiling the GRU loop (%s): %s", threading, path)
+                build(path, compiler, (*FLAGS, *extra))
+            return _load(path, threading)
+        except KernelUnavailable as error:
+            errors.append(str(error))
+    raise KernelUnavailable("\n".join(errors))
+
+
+def _load(path: Path, threading: str) -> Recurrence:
     try:
         library = ctypes.CDLL(str(path))
-        run, lanes = library.sdm_bigru_recurrence, library.sdm_bigru_lanes
+        run, lanes = library.sdm_bigru_layer, library.sdm_bigru_lanes
     except (OSError, AttributeError) as error:
         raise KernelUnavailable(f"cannot load {path}: {error}") from error
     run.argtypes, run.restype = ARGTYPES, ctypes.c_int
     lanes.argtypes, lanes.restype = (), ctypes.c_int
-    return Recurrence(run, lanes(), path)
+    return Recurrence(run, lanes(), path, threading)

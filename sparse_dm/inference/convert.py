@@ -70,7 +70,9 @@ def chirodiff_choices(net: ChiroDiffNet, thresholds: Thresholds) -> list[LayerCh
         )
         width = gru.input_size if layer == 0 else 2 * gru.hidden_size
         paired = paired_weight(fwd, rev, torch.zeros(2 * fwd.shape[0]), width, from_bigru=layer > 0)
-        choices.append(_choice(f"gru.input.{layer}", paired, thresholds.linear))
+        # the compiled loop reads both GRU matrices as CSR (it does its own input projection)
+        input_threshold = 1.0 if thresholds.recurrence is not None else thresholds.linear
+        choices.append(_choice(f"gru.input.{layer}", paired, input_threshold))
         hh = density(torch.cat([masked_weight(gru, f"weight_hh_l{layer}{s}") for s in ("", "_reverse")]))
         choices.append(LayerChoice(f"gru.recurrent.{layer}", hh, CSR))
     choices.append(_choice("proj", masked_weight(net.proj, "weight"), thresholds.linear))

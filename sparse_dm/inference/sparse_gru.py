@@ -75,6 +75,23 @@ def recurrent_weight(forward_w: Tensor, reverse_w: Tensor, bias: Tensor) -> Tens
 
 
 @dataclass(frozen=True)
+class CSRArrays:
+    """A CSR matrix as the three arrays the compiled loop reads (int32 indices, float32 values)."""
+
+    crow: Tensor
+    col: Tensor
+    values: Tensor
+
+    def pointers(self) -> tuple[int, int, int]:
+        return self.crow.data_ptr(), self.col.data_ptr(), self.values.data_ptr()
+
+
+def csr_arrays(matrix: Tensor) -> CSRArrays:
+    csr = to_csr(matrix.float())
+    return CSRArrays(csr.crow_indices(), csr.col_indices(), csr.values().contiguous())
+
+
+@dataclass(frozen=True)
 class StepViews:
     """Every tensor one time step touches: views into the workspace, made once per batch shape and
     shared by all layers. Matmul operands are contiguous or have a short leading dimension (a view of
@@ -101,9 +118,9 @@ class SparseBiGRU(nn.Module):
     the shift into its weight with `shifted_columns`), which stays valid until the next call
     (its buffers are reused, so repeated calls on the same lengths allocate nothing).
 
-    `recurrence`: the compiled loop (`compiled.load_recurrence`), which runs each layer's steps in one
-    call with the recurrent weight as CSR arrays (then `sparse_recurrent` is moot); None runs the
-    torch-op loop in `forward`.
+    `recurrence`: the compiled loop (`compiled.load_recurrence`), which runs each layer (input
+    projection and steps) in one call, with both matrices as CSR arrays (then `sparse_input` and
+    `sparse_recurrent` are moot), on columns packed with `lanes`; None runs the torch-op loop.
     """
 
     def __init__(
@@ -124,7 +141,7 @@ class SparseBiGRU(nn.Module):
         self.recurrence = recurrence
         self.input_weights: list[Tensor] = []
         self.recurrent_weights: list[tuple[Tensor, Tensor]] = []
-        self.recurrent_csr: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.compiled_weights: list[tuple[CSRArrays, CSRArrays]] = []  # (input, recurrent) per layer
         for layer in range(gru.num_layers):
             fwd, rev = f"_l{layer}", f"_l{layer}_reverse"
             w_in = paired_weight(
@@ -139,11 +156,10 @@ class SparseBiGRU(nn.Module):
                 masked_weight(gru, "weight_hh" + rev),
                 torch.cat([getattr(gru, "bias_hh" + fwd), getattr(gru, "bias_hh" + rev)]).detach(),
             )
-            self.input_weights.append(storage(w_in, sparse_input[layer]))
             if recurrence is not None:
-                csr = to_csr(w_rec)
-                self.recurrent_csr.append((csr.crow_indices(), csr.col_indices(), csr.values()))
+                self.compiled_weights.append((csr_arrays(w_in), csr_arrays(w_rec)))
                 continue
+            self.input_weights.append(storage(w_in, sparse_input[layer]))
             rz_rows = 2 * 2 * self.hidden  # r and z of both directions, then n
             self.recurrent_weights.append(
                 (
@@ -259,14 +275,15 @@ class SparseBiGRU(nn.Module):
     def _compiled_forward(self, paired: Tensor, columns: PackedColumns, work: dict[str, Any]) -> Tensor:
         assert self.recurrence is not None
         threads = torch.get_num_threads()
+        if paired.data_ptr() % ALIGNMENT or not paired.is_contiguous() or paired.dtype != torch.float32:
+            paired = paired.contiguous().float().clone()  # a fresh tensor: aligned by the allocator
         for layer in range(self.num_layers):
             out = work["outputs"][layer % 2]
-            matmul_into(self.input_weights[layer], paired, work["gates_in"])
-            crow, col, values = self.recurrent_csr[layer]
+            w_in, w_rec = self.compiled_weights[layer]
             status = self.recurrence.run(
                 self.hidden, len(columns.active), work["offsets"].data_ptr(), work["active"].data_ptr(),
-                work["gates_in"].data_ptr(), columns.num_columns, crow.data_ptr(), col.data_ptr(),
-                values.data_ptr(), out.data_ptr(), work["mirror"].data_ptr(), SHIFTED_ZERO, threads,
+                paired.data_ptr(), *w_in.pointers(), work["gates_in"].data_ptr(), columns.num_columns,
+                *w_rec.pointers(), out.data_ptr(), work["mirror"].data_ptr(), SHIFTED_ZERO, threads,
             )  # fmt: skip
             if status != 0:
                 raise MemoryError("the compiled GRU recurrence could not allocate its scratch or thread")

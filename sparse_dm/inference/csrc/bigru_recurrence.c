@@ -2,15 +2,20 @@
  *
  * Why C: at batch 64 a step's CSR product takes MKL ~30 us, most of it per-call set-up and a dense
  * operand whose width (the active columns) is not a multiple of the vector length, and the torch-op
- * loop adds six tensor ops per step. Here one call runs every step of a layer on a column layout
- * padded per step to whole vectors (the caller pads; see sparse_gru.py): each step multiplies this
- * direction's r, z and n rows by the previous step's state (read in place), then finishes the gates
- * over whole vectors. The two directions are independent (block-diagonal recurrent weight), so with
- * two threads each direction runs on its own thread, with no synchronisation until the layer ends.
+ * loop adds six tensor ops per step. Here one call runs a whole layer on a column layout padded per
+ * step to whole vectors (the caller pads; see sparse_gru.py): the input projection of every column,
+ * then per step this direction's r, z and n rows times the previous step's state (read in place),
+ * then the gates over whole vectors. The two directions are independent (paired input weight,
+ * block-diagonal recurrent weight), so with two threads each direction runs on its own thread with
+ * no synchronisation until the layer ends. Built with -fopenmp, those threads are torch's own
+ * OpenMP workers (the process has one libgomp.so.1): a thread of our own would compete with them,
+ * since they spin for milliseconds after every torch op before they sleep. For the same reason the
+ * input projection is done here, not by MKL between layers. Without OpenMP it uses pthreads.
  *
- * Layouts: the recurrent weight is CSR over the shifted state [u_f; u_r; 1] (bias in the last
- * column), rows gate-major [r_f r_r z_f z_r n_f n_r], n rows doubled; `gates_in` (6H, Np) holds the
- * input projections of every padded column; `out` (4H + 1, Np) receives u in rows [0, 2H), keeps its
+ * Layouts: both weights are CSR with rows gate-major [r_f r_r z_f z_r n_f n_r], n rows doubled: the
+ * input weight over the paired input `x` (K, Np), the recurrent weight over the shifted state
+ * [u_f; u_r; 1] (biases ride on rows of ones); `gates_in` (6H, Np) is scratch for the input
+ * projections of every padded column; `out` (4H + 1, Np) receives u in rows [0, 2H), keeps its
  * row of ones at 2H and receives the mirrored u in rows [2H + 1, 4H + 1). With those folds one step
  * is r = s(gi_r + W_r p), z = s(gi_z + W_z p), c = s(gi_n + r * W_n p), u' = c + z * (u - c), where
  * s is the logistic function. Padding columns hold finite values that never mix into real columns.
@@ -18,9 +23,11 @@
  * Only GCC/Clang vector extensions are used (no intrinsics), so it builds for any target the
  * compiler supports; -march=native picks the instructions.
  */
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifndef _OPENMP
+#include <pthread.h>
+#endif
 
 #define LANES 16
 #define MAX_CHUNKS 4 /* up to 64 columns share one pass over a row's nonzeros */
@@ -89,7 +96,10 @@ INLINE void row_product(const int32_t *col, const float *val, int32_t begin, int
 typedef struct {
     int hidden, steps, direction;
     const int32_t *offsets, *active; /* per step: first padded column, real columns */
-    const float *gates_in;
+    const float *x;
+    const int32_t *in_crow, *in_col;
+    const float *in_val;
+    float *gates_in;
     int64_t ld; /* padded columns Np: the row stride of gates_in and out */
     const int32_t *crow, *col;
     const float *val;
@@ -99,6 +109,32 @@ typedef struct {
     float *initial; /* (2H + 1, width of step 0) rows: h0, then ones */
     float *products; /* (3H, width of step 0): this direction's r, z, n rows of W p */
 } Job;
+
+/* This direction's rows of gates_in = W_in x over every padded column; column blocks outermost, so
+ * the slice of x they read stays in cache across rows. */
+static void project(const Job *job) {
+    const int H = job->hidden, first = job->direction * H;
+    for (int64_t c0 = 0; c0 < job->ld; c0 += MAX_CHUNKS * LANES) {
+        const int64_t left = (job->ld - c0) / LANES;
+        const int chunks = left < MAX_CHUNKS ? (int)left : MAX_CHUNKS;
+        for (int gate = 0; gate < 3; gate++) {
+            for (int unit = 0; unit < H; unit++) {
+                const int row = gate * 2 * H + first + unit;
+                const int32_t begin = job->in_crow[row], end = job->in_crow[row + 1];
+                const float *x = job->x + c0;
+                vf acc[MAX_CHUNKS];
+                switch (chunks) {
+                    case 1: row_product(job->in_col, job->in_val, begin, end, x, job->ld, 1, acc); break;
+                    case 2: row_product(job->in_col, job->in_val, begin, end, x, job->ld, 2, acc); break;
+                    case 3: row_product(job->in_col, job->in_val, begin, end, x, job->ld, 3, acc); break;
+                    default: row_product(job->in_col, job->in_val, begin, end, x, job->ld, 4, acc); break;
+                }
+                float *dst = job->gates_in + (int64_t)row * job->ld + c0;
+                for (int c = 0; c < chunks; c++) store(dst + c * LANES, acc[c]);
+            }
+        }
+    }
+}
 
 /* products[row] = W[row] p over `width` columns (a multiple of LANES) of p, row stride `stride`. */
 static void multiply(const Job *job, const float *p, int64_t stride, int64_t width) {
@@ -149,6 +185,7 @@ static void gates(const Job *job, const float *p, int64_t stride, int64_t offset
 static void *run_direction(void *arg) {
     const Job *job = (const Job *)arg;
     const int H = job->hidden, first = job->direction * H;
+    project(job);
     for (int step = 0; step < job->steps; step++) {
         const int64_t width = (job->active[step] + LANES - 1) / LANES * LANES;
         const int64_t offset = job->offsets[step];
@@ -166,9 +203,10 @@ static void *run_direction(void *arg) {
     return NULL;
 }
 
-/* Runs every step of one layer; returns 0, or 1 when memory or a thread could not be had. */
-int sdm_bigru_recurrence(int hidden, int steps, const int32_t *offsets, const int32_t *active,
-                         const float *gates_in, int64_t ld, const int32_t *crow, const int32_t *col,
+/* Runs one layer (input projection and every step); returns 0, or 1 when memory or a thread could not be had. */
+int sdm_bigru_layer(int hidden, int steps, const int32_t *offsets, const int32_t *active, const float *x,
+                         const int32_t *in_crow, const int32_t *in_col, const float *in_val,
+                         float *gates_in, int64_t ld, const int32_t *crow, const int32_t *col,
                          const float *val, float *out, const int32_t *mirror, float h0, int threads) {
     if (steps == 0) return 0;
     const int64_t width = (active[0] + LANES - 1) / LANES * LANES;
@@ -177,13 +215,17 @@ int sdm_bigru_recurrence(int hidden, int steps, const int32_t *offsets, const in
     float *initial = aligned_alloc(64, initial_bytes);
     Job jobs[2];
     for (int d = 0; d < 2; d++)
-        jobs[d] = (Job){hidden, steps,   d,  offsets, active,  gates_in,
-                        ld,     crow,    col, val,   out,     mirror,
-                        h0,     initial, aligned_alloc(64, product_bytes)};
+        jobs[d] = (Job){hidden,   steps,  d,      offsets, active, x,       in_crow,
+                        in_col,   in_val, gates_in, ld,    crow,   col,     val,
+                        out,      mirror, h0,      initial, aligned_alloc(64, product_bytes)};
     int status = initial == NULL || jobs[0].products == NULL || jobs[1].products == NULL;
     if (!status) {
         for (int64_t i = 0; i < 2 * hidden * width; i++) initial[i] = h0;
         for (int64_t i = 2 * hidden * width; i < (2 * hidden + 1) * width; i++) initial[i] = 1.0f;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads > 1 ? 2 : 1) schedule(static, 1)
+        for (int d = 0; d < 2; d++) run_direction(&jobs[d]);
+#else
         pthread_t worker;
         if (threads > 1 && pthread_create(&worker, NULL, run_direction, &jobs[1]) == 0) {
             run_direction(&jobs[0]);
@@ -192,6 +234,7 @@ int sdm_bigru_recurrence(int hidden, int steps, const int32_t *offsets, const in
             run_direction(&jobs[0]);
             run_direction(&jobs[1]);
         }
+#endif
     }
     free(initial);
     free(jobs[0].products);
