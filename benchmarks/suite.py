@@ -32,6 +32,7 @@ from sparse_dm.data.stroke3 import load_stroke3_npz, resolve_data_path
 from sparse_dm.diffusion import NoiseSchedule, ddim_sample
 from sparse_dm.export import pack_net
 from sparse_dm.inference import inference_form, resolve_thresholds
+from sparse_dm.inference.chirodiff import SparseChiroDiffNet
 from sparse_dm.inference.config import default_inference_config
 from sparse_dm.models.chirodiff import ChiroDiffNet
 from sparse_dm.models.ldm_unet import UNetModel
@@ -49,13 +50,14 @@ FULL = {
     "ddim_batch": 64,
     "ddim_steps": 50,
     "sparsities": [0.5, 0.75, 0.9, 0.95],
+    "torch_loop_sparsities": [0.9],  # extra rows with inference.gru_loop=torch (no C compiler)
     "threads": [1, 2],
     "train_batch": None,  # None: the default dataset.batch_size (128)
     "inference": {},  # conf/inference/default.yaml as is: thresholds measured on this machine (cached)
 }
 QUICK = {**FULL, "train_pairs": 2, "warmup": 1, "update_repeats": 1, "ddim_pairs": 1, "ddim_steps": 2,
-         "ddim_batch": 8, "sparsities": [0.9], "threads": [1], "train_batch": 8,
-         "inference": {"threshold_linear": 1.0, "threshold_gru": 1.0}}  # fmt: skip
+         "ddim_batch": 8, "sparsities": [0.9], "torch_loop_sparsities": [0.9], "threads": [1],
+         "train_batch": 8, "inference": {"threshold_linear": 1.0, "threshold_gru": 1.0}}  # fmt: skip
 TRAIN_SPARSITY = 0.9
 PAPER_TE = {"chirodiff": 800, "unet": 1100}  # the paper's Te per family
 
@@ -191,7 +193,17 @@ def measure_training(name: str, family: str, case, settings: dict) -> dict[str, 
 
 # ----- sampling ---------------------------------------------------------------------------------
 @torch.no_grad()
-def measure_sampling(sparsity: float, threads: int, settings: dict, lengths_pool: torch.Tensor) -> dict:
+def gru_loop_of(form: nn.Module) -> str:
+    """Which GRU runs in the sparse form: the compiled or torch-op CSR loop, or the dense nn.GRU."""
+    if not isinstance(form, SparseChiroDiffNet):
+        return "nn.GRU"
+    recurrence = form.gru.recurrence
+    return "torch ops" if recurrence is None else f"compiled ({recurrence.threading})"
+
+
+def measure_sampling(
+    sparsity: float, threads: int, settings: dict, lengths_pool: torch.Tensor, gru_loop: str | None = None
+) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = compose_cfg(["experiment=chirodiff_kanjivg"]).model
@@ -200,7 +212,8 @@ def measure_sampling(sparsity: float, threads: int, settings: dict, lengths_pool
     )
     SparseEngine(net, sparsity, distribution="erk")
     net.eval()
-    thresholds = resolve_thresholds({**default_inference_config(), **settings["inference"]})
+    loop = {} if gru_loop is None else {"gru_loop": gru_loop}
+    thresholds = resolve_thresholds({**default_inference_config(), **settings["inference"], **loop})
     form, choices = inference_form(net, thresholds)
     schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps, cfg.diffusion.beta_start,
                              cfg.diffusion.beta_end)  # fmt: skip
@@ -234,6 +247,7 @@ def measure_sampling(sparsity: float, threads: int, settings: dict, lengths_pool
         "speedup": median_ratio(dense_t, sparse_t),
         "max_abs_diff": float(diff),
         "max_abs_sample": float(outputs["dense"].abs()[valid].max()),
+        "gru_loop": gru_loop_of(form),
         "csr_matrices": sum(c.kernel == "csr" for c in choices),
         "matrices": len(choices),
         "thresholds": {"linear": thresholds.linear, "gru": thresholds.gru},
@@ -307,15 +321,23 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         "",
         "## DDIM sampling, ChiroDiff KanjiVG (bi-GRU 3x96): dense nn.Module vs sparse inference form",
         "",
-        "| S | threads | batch | steps | dense s | sparse s | speedup | CSR matrices | max abs diff |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| S | threads | batch | steps | GRU in the sparse form | dense s | sparse s | speedup "
+        "| CSR matrices | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["sampling"]:
         lines.append(
-            f"| {r['sparsity']} | {r['threads']} | {r['batch']} | {r['ddim_steps']} | {r['dense_s']:.2f} | "
-            f"{r['sparse_s']:.2f} | {r['speedup']:.2f}x | {r['csr_matrices']}/{r['matrices']} | "
-            f"{r['max_abs_diff']:.1e} |"
+            f"| {r['sparsity']} | {r['threads']} | {r['batch']} | {r['ddim_steps']} | {r['gru_loop']} | "
+            f"{r['dense_s']:.2f} | {r['sparse_s']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['csr_matrices']}/{r['matrices']} | {r['max_abs_diff']:.1e} |"
         )
+    lines += [
+        "",
+        "GRU in the sparse form: the CSR GRU with its compiled C loop (the default, `inference.gru_loop:",
+        "auto`), the same GRU in torch ops (`gru_loop: torch`, what runs without a C compiler), or the",
+        "dense nn.GRU, kept when the calibration finds the recurrent weights too dense for a CSR loop to win",
+        "(then the row shows the noise level).",
+    ]
     lines += [
         "",
         "## File size, ChiroDiff KanjiVG: dense state_dict vs `.sdm` export",
@@ -350,7 +372,10 @@ def run(settings: dict, out_json: Path, out_md: Path) -> dict[str, Any]:
         [len(d) for d in load_stroke3_npz(resolve_data_path(compose_cfg([]).dataset.path))["valid"]]
     )
     sampling = [
-        measure_sampling(s, n, settings, pool) for n in settings["threads"] for s in settings["sparsities"]
+        measure_sampling(s, n, settings, pool, loop)
+        for n in settings["threads"]
+        for loop, sparsities in ((None, settings["sparsities"]), ("torch", settings["torch_loop_sparsities"]))
+        for s in sparsities
     ]
     torch.set_num_threads(threads_before)
     results = {

@@ -9,7 +9,8 @@ from benchmarks.suite import QUICK, run
 
 
 def test_quick_bench_writes_json_and_matching_markdown(tmp_path):
-    results = run(QUICK, tmp_path / "results.json", tmp_path / "benchmarks.md")
+    settings = {**QUICK, "inference": {**QUICK["inference"], "cache_dir": str(tmp_path / "cache")}}
+    results = run(settings, tmp_path / "results.json", tmp_path / "benchmarks.md")
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
     markdown = (tmp_path / "benchmarks.md").read_text()
     for record in results["training"]:
@@ -18,9 +19,13 @@ def test_quick_bench_writes_json_and_matching_markdown(tmp_path):
         assert f"{record['mask_update_ms']:.1f}" in markdown
         assert 0 < record["bookkeeping_ms"] < record["dense_ms"]
         assert f"{record['bookkeeping_ms']:.2f} ms" in markdown
-    (sampled,) = results["sampling"]
-    assert sampled["max_abs_diff"] < 1e-3 * max(1.0, sampled["max_abs_sample"])  # same samples
-    assert f"{sampled['speedup']:.2f}x" in markdown
+    default_loop, torch_loop = results["sampling"]
+    assert torch_loop["gru_loop"] == "torch ops" and default_loop["gru_loop"] != "nn.GRU"
+    for sampled in (default_loop, torch_loop):
+        assert sampled["max_abs_diff"] < 1e-3 * max(1.0, sampled["max_abs_sample"])  # same samples
+        assert (
+            f"| {sampled['gru_loop']} | {sampled['dense_s']:.2f} | {sampled['sparse_s']:.2f} | " in markdown
+        )
     (size,) = results["size"]
     assert size["export_bytes"] < 0.25 * size["dense_state_dict_bytes"]  # S=0.9
 

@@ -118,3 +118,19 @@ def test_a_failing_compiler_is_reported_with_its_message(tmp_path, monkeypatch):
     with pytest.raises(KernelUnavailable, match=r"cannot compile"):
         resolve_recurrence("compiled", tmp_path / "cache")
     assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # nothing half-built left behind
+
+
+def test_the_pthreads_build_matches_nn_gru_on_two_threads(tmp_path, monkeypatch):
+    """Compilers without OpenMP (e.g. Apple clang) get the pthreads build: forced here."""
+    recurrence_for("compiled")
+    monkeypatch.setattr(compiled, "THREADING", {"pthreads": compiled.THREADING["pthreads"]})
+    recurrence = load_recurrence.__wrapped__(tmp_path)
+    assert recurrence.threading == "pthreads"
+    reference, _, x, lengths = bigru_case("compiled", True, hidden=12, batch=70, max_len=9, seed=5)
+    form = SparseBiGRU(reference, [True] * 3, [True] * 3, recurrence)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert_bigru_matches(reference, form, x, lengths)
+    finally:
+        torch.set_num_threads(previous)
