@@ -14,6 +14,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from sparse_dm.data.stroke3 import Stroke3DataModule, collate_stroke3
 from sparse_dm.lightning.chirodiff_module import LENGTH_POOL_KEY, ChiroDiffModule
+from sparse_dm.lightning.diffusion_module import factory_config
 from sparse_dm.sparsity.flops import forward_flops, measure_weight_uses
 
 
@@ -176,3 +177,9 @@ def test_short_fit_writes_samples_and_finite_val_loss(tmp_path: Path) -> None:
     assert len(module.length_pool) == len(dm.datasets["valid"])
     assert [Path(p).name for p in module.sample_paths] == ["step_000004.png"]
     assert Path(module.sample_paths[0]).stat().st_size > 0
+
+
+def test_an_optimizer_given_as_plain_arguments_is_refused_with_the_fix():
+    """A config.yaml from before optimizers became Hydra partials holds only {lr, betas, ...}."""
+    with pytest.raises(TypeError, match=r"model.optimizer .* `_partial_: true`"):
+        factory_config({"lr": 1e-3, "weight_decay": 0.01})

@@ -134,3 +134,11 @@ def test_the_pthreads_build_matches_nn_gru_on_two_threads(tmp_path, monkeypatch)
         assert_bigru_matches(reference, form, x, lengths)
     finally:
         torch.set_num_threads(previous)
+
+
+def test_an_unwritable_cache_is_reported_not_raised_raw(tmp_path):
+    recurrence_for("compiled")
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache folder should go")
+    with pytest.raises(KernelUnavailable, match=r"cannot write the kernel cache"):
+        load_recurrence.__wrapped__(blocker)

@@ -100,11 +100,14 @@ def library_path(cache_dir: Path, compiler: str, flags: tuple[str, ...]) -> Path
 def build(target: Path, compiler: str, flags: tuple[str, ...]) -> None:
     """Compile into a temporary file in the cache, then rename: concurrent builders never see (or
     load) a half-written library. A failure is remembered next to the target (not retried)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     failure = target.with_suffix(".failed")
     if failure.is_file():
         raise KernelUnavailable(failure.read_text())
-    handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError as error:
+        raise KernelUnavailable(f"cannot write the kernel cache {target.parent}: {error}") from error
     os.close(handle)
     command = [compiler, *flags, "-o", temporary, str(SOURCE)]
     try:

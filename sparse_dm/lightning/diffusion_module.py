@@ -45,6 +45,12 @@ def factory_config(factory: Callable[..., Any] | None) -> dict[str, Any] | None:
     hyperparameters stay loadable with torch.load(weights_only=True)."""
     if factory is None:
         return None
+    if not callable(factory):
+        raise TypeError(
+            "model.optimizer and model.lr_scheduler must be Hydra partials (`_target_: ...` and "
+            f"`_partial_: true`, see conf/model/chirodiff.yaml), got {factory!r}; a config.yaml written "
+            "by an older sparse_dm lists only the optimizer's arguments: add those two keys to it"
+        )
     if isinstance(factory, functools.partial):
         target = factory.func
         return {
