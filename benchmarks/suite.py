@@ -31,8 +31,7 @@ from torch import nn
 from sparse_dm.data.stroke3 import load_stroke3_npz, resolve_data_path
 from sparse_dm.diffusion import NoiseSchedule, ddim_sample
 from sparse_dm.export import pack_net
-from sparse_dm.inference import inference_form, resolve_thresholds
-from sparse_dm.inference.chirodiff import SparseChiroDiffNet
+from sparse_dm.inference import gru_loops, inference_form, resolve_thresholds
 from sparse_dm.inference.config import default_inference_config
 from sparse_dm.models.chirodiff import ChiroDiffNet
 from sparse_dm.models.ldm_unet import UNetModel
@@ -193,14 +192,6 @@ def measure_training(name: str, family: str, case, settings: dict) -> dict[str, 
 
 # ----- sampling ---------------------------------------------------------------------------------
 @torch.no_grad()
-def gru_loop_of(form: nn.Module) -> str:
-    """Which GRU runs in the sparse form: the compiled or torch-op CSR loop, or the dense nn.GRU."""
-    if not isinstance(form, SparseChiroDiffNet):
-        return "nn.GRU"
-    recurrence = form.gru.recurrence
-    return "torch ops" if recurrence is None else f"compiled ({recurrence.threading})"
-
-
 def measure_sampling(
     sparsity: float, threads: int, settings: dict, lengths_pool: torch.Tensor, gru_loop: str | None = None
 ) -> dict:
@@ -247,7 +238,7 @@ def measure_sampling(
         "speedup": median_ratio(dense_t, sparse_t),
         "max_abs_diff": float(diff),
         "max_abs_sample": float(outputs["dense"].abs()[valid].max()),
-        "gru_loop": gru_loop_of(form),
+        "gru_loop": gru_loops(form),
         "csr_matrices": sum(c.kernel == "csr" for c in choices),
         "matrices": len(choices),
         "thresholds": {"linear": thresholds.linear, "gru": thresholds.gru},

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm.export import SUFFIX
-from sparse_dm.inference import install_inference_form, resolve_thresholds
+from sparse_dm.inference import gru_loops, install_inference_form, resolve_thresholds
 from sparse_dm.inference.sources import load_module
 from sparse_dm.lightning.diffusion_module import SAMPLING_WEIGHTS
 
@@ -34,13 +34,15 @@ def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"invalid config: {key}={value!r}; allowed: one of {allowed}")
 
 
-def prepare(module: Any, backend: str, weights: str, inference_cfg: dict[str, Any]) -> None:
-    """Make `module` sample with `weights` (ema | raw) on `backend`."""
-    if backend == "sparse":
-        choices = install_inference_form(module, resolve_thresholds(inference_cfg), weights)
-        log.info("sparse form: %d of %d matrices CSR", sum(c.kernel == "csr" for c in choices), len(choices))
-    else:
+def prepare(module: Any, backend: str, weights: str, inference_cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """Make `module` sample with `weights` (ema | raw) on `backend`; for the sparse form, what it runs."""
+    if backend != "sparse":
         module.sampling_cfg["weights"] = weights
+        return None
+    choices = install_inference_form(module, resolve_thresholds(inference_cfg), weights)
+    csr = sum(c.kernel == "csr" for c in choices)
+    log.info("sparse form: %d of %d matrices CSR", csr, len(choices))
+    return {"csr_matrices": csr, "matrices": len(choices), "gru": gru_loops(module.net)}
 
 
 def save_arrays(samples: Any, path: Path) -> Path:
@@ -78,7 +80,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         weights = cfg.weights or module.sampling_cfg["weights"]
         exported = weights
         out_dir = Path(cfg.out_dir) if cfg.out_dir else path.resolve().parent.parent / "samples"
-    prepare(module, cfg.backend, weights, inference_cfg)
+    form = prepare(module, cfg.backend, weights, inference_cfg)
     overrides = {} if cfg.steps is None else {"steps": int(cfg.steps)}
     generator = torch.Generator().manual_seed(int(cfg.seed))
     start = time.perf_counter()
@@ -92,6 +94,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "step": step,
         "weights": exported,
         "backend": cfg.backend,
+        "sparse_form": form,
         "seconds": seconds,
         "sketch_stats": getattr(module, "sample_stats", None),  # ChiroDiff: measured by save_samples
     }

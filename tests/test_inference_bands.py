@@ -10,6 +10,7 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 import torch
+from compiled_loop import LOOPS, recurrence_for
 from omegaconf import OmegaConf
 from run_config import TINY_CHIRODIFF, compose_config, evaluate_config
 from test_inference import ALL_CSR, ATOL
@@ -22,7 +23,13 @@ from tiny_unet import tiny_unet
 
 from sparse_dm.evaluate import evaluate
 from sparse_dm.export import export
-from sparse_dm.inference import BandedForm, Thresholds, banded_inference_form, install_inference_form
+from sparse_dm.inference import (
+    BandedForm,
+    Thresholds,
+    banded_inference_form,
+    gru_loops,
+    install_inference_form,
+)
 from sparse_dm.inference.chirodiff import SparseChiroDiffNet
 from sparse_dm.inference.sparse_linear import SparseLinear
 from sparse_dm.sample import sample
@@ -61,12 +68,17 @@ def test_each_band_form_is_its_bands_network_and_mixed_batches_route_by_t():
         torch.testing.assert_close(form(x, t, lengths), expected, atol=ATOL, rtol=0)
 
 
-def test_band_densities_choose_kernels_per_band():
+@pytest.mark.parametrize("loop", LOOPS)
+def test_band_densities_choose_kernels_per_band(loop):
     """Band 0 at density 0.5 keeps proj/out dense, band 1 at 0.1 stores them CSR; the routed output
-    still equals the banded dense model."""
+    still equals the banded dense model, with either GRU loop."""
     net = tiny_net()
     engine = BandedSparseEngine(net, TimestepBands((500,), (0.5, 0.9), T), distribution="uniform")
-    form, choices = banded_inference_form(net, engine.bands, Thresholds(linear=0.3, gru=1.0))
+    thresholds = Thresholds(linear=0.3, gru=1.0, recurrence=recurrence_for(loop))
+    form, choices = banded_inference_form(net, engine.bands, thresholds)
+    assert gru_loops(form) == (
+        "torch ops" if loop == "torch" else f"compiled ({thresholds.recurrence.threading})"
+    )
     kernels = {c.name: c.kernel for c in choices}
     assert kernels["band0.proj"] == kernels["band0.out"] == "dense"
     assert kernels["band1.proj"] == kernels["band1.out"] == "csr"

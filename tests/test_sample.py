@@ -39,7 +39,10 @@ def test_sparse_and_dense_backends_and_export_give_the_same_drawings(tmp_path):
     deltas, lengths = arrays[0]["deltas"], arrays[0]["lengths"]
     drawings = np.split(deltas, np.cumsum(lengths)[:-1])
     assert record["sketch_stats"] == pytest.approx(sketch_stats(drawings, 0.5))
-    assert (record["weights"], record["backend"]) == ("ema", "dense")
+    assert (record["weights"], record["backend"], record["sparse_form"]) == ("ema", "dense", None)
+    form = json.loads((tmp_path / "out" / "samples_sparse.json").read_text())["sparse_form"]
+    assert form["csr_matrices"] == form["matrices"] > 0  # thresholds 1.0: every matrix CSR
+    assert form["gru"] in ("compiled (openmp)", "compiled (pthreads)", "torch ops")
 
 
 def test_bad_choices_are_refused(tmp_path):

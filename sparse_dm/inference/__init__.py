@@ -11,6 +11,7 @@ from sparse_dm.inference.calibrate import Thresholds, resolve_thresholds
 from sparse_dm.inference.convert import (
     LayerChoice,
     banded_inference_form,
+    gru_loops,
     inference_form,
     install_inference_form,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "LayerChoice",
     "Thresholds",
     "banded_inference_form",
+    "gru_loops",
     "inference_form",
     "install_inference_form",
     "resolve_thresholds",

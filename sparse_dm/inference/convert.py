@@ -112,13 +112,25 @@ def _single_form(net: nn.Module, thresholds: Thresholds) -> tuple[nn.Module, lis
     float32 = all(p.dtype == torch.float32 for p in net.parameters())
     choices = chirodiff_choices(net, thresholds) if isinstance(net, ChiroDiffNet) and float32 else None
     if choices is not None:
-        log.info("inference form: the GRU steps run the %s loop", thresholds.gru_loop)
         form: nn.Module = SparseChiroDiffNet(
             net, {c.name: c.kernel == CSR for c in choices}, thresholds.recurrence
         )
     else:
         form, choices = generic_form(net, thresholds)
     return form.eval(), choices
+
+
+def gru_loops(form: nn.Module) -> str | None:
+    """Which GRU a form runs: 'compiled (<threading>)' or 'torch ops' (the CSR GRU's loop), 'nn.GRU'
+    (kept dense), several joined for band forms, None without a GRU."""
+    loops = set()
+    for module in form.modules():
+        if isinstance(module, SparseChiroDiffNet):
+            recurrence = module.gru.recurrence
+            loops.add("torch ops" if recurrence is None else f"compiled ({recurrence.threading})")
+        elif isinstance(module, nn.GRU):
+            loops.add("nn.GRU")
+    return ", ".join(sorted(loops)) or None
 
 
 def _log_choices(choices: list[LayerChoice]) -> None:
@@ -130,6 +142,8 @@ def inference_form(net: nn.Module, thresholds: Thresholds) -> tuple[nn.Module, l
     """The inference form of `net` (a new module; `net` is not changed) and the per-matrix choices."""
     form, choices = _single_form(net, thresholds)
     _log_choices(choices)
+    if loops := gru_loops(form):
+        log.info("inference form: GRU runs as %s", loops)
     return form, choices
 
 
