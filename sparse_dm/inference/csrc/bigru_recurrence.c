@@ -1,4 +1,4 @@
-/* The recurrent loop of one bidirectional GRU layer of the sparse inference form, compiled.
+/* One bidirectional GRU layer of the sparse inference form (input projection and recurrence), compiled.
  *
  * Why C: at batch 64 a step's CSR product takes MKL ~30 us, most of it per-call set-up and a dense
  * operand whose width (the active columns) is not a multiple of the vector length, and the torch-op
@@ -44,7 +44,6 @@ static inline vf load(const float *p) { return *(const vf *)p; }
 
 static inline void store(float *p, vf v) { *(vf *)p = v; }
 
-
 /* exp(x) for |x| <= 87: Cody-Waite reduction by ln 2 and the Cephes degree-6 polynomial (< 2 ulp). */
 static inline vf vexp(vf x) {
     const vf hi = splat(87.0f), lo = splat(-87.0f);
@@ -69,12 +68,12 @@ static inline vf vexp(vf x) {
 
 static inline vf vsigmoid(vf x) { return splat(1.0f) / (splat(1.0f) + vexp(-x)); }
 
-/* acc[c] = sum_p val[p] * P[col[p]][c-th vector], for `chunks` vectors; two partial sums per vector
- * hide the FMA latency. */
 #define INLINE static inline __attribute__((always_inline))
 
-INLINE void row_product(const int32_t *col, const float *val, int32_t begin, int32_t end,
-                               const float *P, int64_t ld, int chunks, vf *acc) {
+/* acc[c] = sum_p val[p] * P[col[p]][c-th vector], for `chunks` vectors; two partial sums per vector
+ * hide the FMA latency. Inlined into a switch on `chunks`, so each case keeps its sums in registers. */
+INLINE void row_product(const int32_t *col, const float *val, int32_t begin, int32_t end, const float *P,
+                        int64_t ld, int chunks, vf *acc) {
     vf a[MAX_CHUNKS] = {0}, b[MAX_CHUNKS] = {0};
     int32_t p = begin;
     for (; p + 1 < end; p += 2) {
@@ -145,14 +144,15 @@ static void multiply(const Job *job, const float *p, int64_t stride, int64_t wid
             float *dst = job->products + (int64_t)(gate * H + unit) * width;
             const int32_t begin = job->crow[row], end = job->crow[row + 1];
             for (int64_t c0 = 0; c0 < width; c0 += MAX_CHUNKS * LANES) {
+                const int64_t left = (width - c0) / LANES;
+                const int chunks = left < MAX_CHUNKS ? (int)left : MAX_CHUNKS;
                 vf acc[MAX_CHUNKS];
-                switch ((width - c0) / LANES) {
+                switch (chunks) {
                     case 1: row_product(job->col, job->val, begin, end, p + c0, stride, 1, acc); break;
                     case 2: row_product(job->col, job->val, begin, end, p + c0, stride, 2, acc); break;
                     case 3: row_product(job->col, job->val, begin, end, p + c0, stride, 3, acc); break;
                     default: row_product(job->col, job->val, begin, end, p + c0, stride, 4, acc); break;
                 }
-                const int chunks = (width - c0) / LANES < MAX_CHUNKS ? (int)((width - c0) / LANES) : MAX_CHUNKS;
                 for (int c = 0; c < chunks; c++) store(dst + c0 + c * LANES, acc[c]);
             }
         }
@@ -203,11 +203,12 @@ static void *run_direction(void *arg) {
     return NULL;
 }
 
-/* Runs one layer (input projection and every step); returns 0, or 1 when memory or a thread could not be had. */
+/* Runs one layer (input projection and every step); returns 0, or 1 when memory or a thread could
+ * not be had. */
 int sdm_bigru_layer(int hidden, int steps, const int32_t *offsets, const int32_t *active, const float *x,
-                         const int32_t *in_crow, const int32_t *in_col, const float *in_val,
-                         float *gates_in, int64_t ld, const int32_t *crow, const int32_t *col,
-                         const float *val, float *out, const int32_t *mirror, float h0, int threads) {
+                    const int32_t *in_crow, const int32_t *in_col, const float *in_val, float *gates_in,
+                    int64_t ld, const int32_t *crow, const int32_t *col, const float *val, float *out,
+                    const int32_t *mirror, float h0, int threads) {
     if (steps == 0) return 0;
     const int64_t width = (active[0] + LANES - 1) / LANES * LANES;
     const size_t initial_bytes = (size_t)(2 * hidden + 1) * (size_t)width * sizeof(float);
