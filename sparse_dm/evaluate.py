@@ -113,7 +113,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module.to(device).eval()
     weights = module.sampling_cfg["weights"]
-    prepare(module, cfg.backend, weights, OmegaConf.to_container(cfg.inference, resolve=True))
+    form = prepare(module, cfg.backend, weights, OmegaConf.to_container(cfg.inference, resolve=True))
     default_steps = int(run_cfg.model.sampling.steps)
     steps = int(cfg.sampling_steps or default_steps)
     identity = reference_identity(
@@ -130,6 +130,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "feature_extractor": fidelity.feature_extractor,
         "eval_ckpt_path": str(ckpt_path),
         "backend": cfg.backend,
+        "sparse_form": form,  # what backend=sparse ran: CSR matrices and the GRU loop
         "weights": weights,
         "eval_ckpt_step": int(checkpoint["global_step"]),  # the training step the scored weights hold
     }
