@@ -63,11 +63,21 @@ def test_padded_layout_round_trips_the_real_columns():
     assert torch.equal(paired_input(x, padded)[:, padded.real], paired_input(x, plain))
 
 
-def test_columns_packed_for_another_loop_are_refused():
-    _, form, x, lengths = bigru_case("compiled", True, hidden=8, batch=3, max_len=4)
-    columns = pack_columns(lengths, 3, 4)  # lanes=1: the torch loop's layout
+@pytest.mark.parametrize("loop", ["torch", "compiled"])
+def test_columns_packed_for_the_other_loop_are_refused(loop):
+    _, form, x, lengths = bigru_case(loop, True, hidden=8, batch=3, max_len=4)
+    columns = pack_columns(lengths, 3, 4, lanes=16 if loop == "torch" else 1)
     with pytest.raises(ValueError, match=r"lanes="):
         form(paired_input(x, columns), columns)
+
+
+def test_a_paired_input_of_the_wrong_shape_never_reaches_the_kernel():
+    _, form, x, lengths = bigru_case("compiled", True, hidden=8, batch=3, max_len=4)
+    columns = pack_columns(lengths, 3, 4, form.lanes)
+    paired = paired_input(x, columns)
+    for wrong in (paired[:-1], paired[:, :-16]):
+        with pytest.raises(ValueError, match=r"paired input must have shape"):
+            form(wrong.contiguous(), columns)
 
 
 def test_float64_is_refused_by_the_loop_and_kept_dense_by_the_converter():

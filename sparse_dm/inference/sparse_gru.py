@@ -177,24 +177,25 @@ class SparseBiGRU(nn.Module):
 
     def _buffers_for(self, columns: PackedColumns) -> dict[str, Any]:
         key = (columns.active, columns.lanes)  # the step structure (it fixes offsets and mirror)
-        if key != self._workspace_key and self.recurrence is not None:
-            self._workspace = self._compiled_workspace(columns)
-            self._workspace_key = key
-        elif key != self._workspace_key:
-            two_h, n = 2 * self.hidden, columns.num_columns
-            outputs = [torch.empty(2 * two_h + 1, n) for _ in range(min(self.num_layers, 2))]
-            for out in outputs:
-                out[two_h].fill_(1.0)
-            gates_in = torch.empty(GATES * two_h, n)
-            steps = self._step_views(columns, gates_in)
-            self._workspace = {
-                "gates_in": gates_in,
-                "outputs": outputs,
-                "steps": steps,
-                "states": [step.state for step in steps],
-            }
+        if key != self._workspace_key:
+            build = self._torch_workspace if self.recurrence is None else self._compiled_workspace
+            self._workspace = build(columns)
             self._workspace_key = key
         return self._workspace
+
+    def _torch_workspace(self, columns: PackedColumns) -> dict[str, Any]:
+        """Buffers of the torch-op loop, on unpadded columns."""
+        if columns.padded:
+            raise ValueError(
+                f"the torch-op GRU loop needs columns packed with lanes=1, got lanes={columns.lanes}"
+            )
+        two_h, n = 2 * self.hidden, columns.num_columns
+        outputs = [torch.empty(2 * two_h + 1, n) for _ in range(min(self.num_layers, 2))]
+        for out in outputs:
+            out[two_h].fill_(1.0)
+        gates_in = torch.empty(GATES * two_h, n)
+        steps = self._step_views(columns, gates_in)
+        return {"gates_in": gates_in, "outputs": outputs, "steps": steps, "states": [s.state for s in steps]}
 
     def _compiled_workspace(self, columns: PackedColumns) -> dict[str, Any]:
         """Buffers of the compiled loop, on `columns`' padded layout (whole vectors per step)."""
@@ -274,6 +275,9 @@ class SparseBiGRU(nn.Module):
 
     def _compiled_forward(self, paired: Tensor, columns: PackedColumns, work: dict[str, Any]) -> Tensor:
         assert self.recurrence is not None
+        expected = (2 * self.input_size + 1, columns.num_columns)
+        if tuple(paired.shape) != expected:  # C reads by index: a wrong shape must not reach it
+            raise ValueError(f"paired input must have shape {expected}, got {tuple(paired.shape)}")
         threads = torch.get_num_threads()
         if paired.data_ptr() % ALIGNMENT or not paired.is_contiguous() or paired.dtype != torch.float32:
             paired = paired.contiguous().float().clone()  # a fresh tensor: aligned by the allocator
