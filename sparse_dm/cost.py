@@ -177,7 +177,7 @@ def format_resources(resources: dict) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="cost")
+@hydra.main(version_base="1.3", config_path="conf", config_name="cost")
 def main(cfg: DictConfig) -> None:
     config.validate(cfg)
     with torch.device("meta"):

@@ -185,7 +185,7 @@ def export(cfg: DictConfig) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     export(cfg)
 

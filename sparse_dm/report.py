@@ -266,7 +266,7 @@ def command_line() -> str:
     return " ".join(args + [shlex.quote(o) for o in hydra_cfg.overrides.task])
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+@hydra.main(version_base="1.3", config_path="conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     log.info("wrote %s", report(cfg, command_line()))
 

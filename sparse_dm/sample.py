@@ -113,7 +113,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     return {**record, "grid": grid, "arrays": arrays, "samples": samples}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 

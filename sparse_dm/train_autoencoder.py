@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="autoencoder")
+@hydra.main(version_base="1.3", config_path="conf", config_name="autoencoder")
 def main(cfg: DictConfig) -> float:
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))

@@ -27,7 +27,7 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[1] / "sparse_dm" / "conf")
 TINY = [
     "model.net.hidden_size=8",
     "model.net.num_layers=1",

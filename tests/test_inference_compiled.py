@@ -18,6 +18,7 @@ from sparse_dm.inference.config import default_inference_config
 from sparse_dm.inference.convert import inference_form
 from sparse_dm.inference.packing import pack_columns, paired_input
 from sparse_dm.inference.sparse_gru import SparseBiGRU
+from sparse_dm.kernels import build as kernel_build
 from sparse_dm.models.chirodiff import ChiroDiffNet
 
 
@@ -95,8 +96,8 @@ def test_float64_is_refused_by_the_loop_and_kept_dense_by_the_converter():
 def test_built_once_per_source_and_rebuilt_when_it_changes(tmp_path, monkeypatch):
     recurrence_for("compiled")  # skips visibly where no compiler works
     builds = []
-    real_build = compiled.build
-    monkeypatch.setattr(compiled, "build", lambda *a: (builds.append(a), real_build(*a)))
+    real_build = kernel_build.build
+    monkeypatch.setattr(kernel_build, "build", lambda *a: (builds.append(a), real_build(*a)))
     load = load_recurrence.__wrapped__  # bypass the per-process cache
     first = load(tmp_path)
     assert load(tmp_path).library == first.library and len(builds) == 1
@@ -133,7 +134,7 @@ def test_a_failing_compiler_is_reported_with_its_message(tmp_path, monkeypatch):
 def test_the_pthreads_build_matches_nn_gru_on_two_threads(tmp_path, monkeypatch):
     """Compilers without OpenMP (e.g. Apple clang) get the pthreads build: forced here."""
     recurrence_for("compiled")
-    monkeypatch.setattr(compiled, "THREADING", {"pthreads": compiled.THREADING["pthreads"]})
+    monkeypatch.setattr(kernel_build, "THREADING", {"pthreads": kernel_build.THREADING["pthreads"]})
     recurrence = load_recurrence.__wrapped__(tmp_path)
     assert recurrence.threading == "pthreads"
     reference, _, x, lengths = bigru_case("compiled", True, hidden=12, batch=70, max_len=9, seed=5)

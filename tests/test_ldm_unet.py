@@ -11,7 +11,7 @@ from torch import nn
 
 from sparse_dm.models.ldm_unet import UNetModel, load_compvis_unet
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "sparse_dm" / "conf"
 
 
 def paper_unet() -> UNetModel:

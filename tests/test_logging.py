@@ -15,7 +15,7 @@ from sparse_dm.lightning.wandb_logging import (
     wandb_mode,
 )
 
-LOGGER_CONFIG = Path(__file__).parents[1] / "conf" / "logger" / "default.yaml"
+LOGGER_CONFIG = Path(__file__).parents[1] / "sparse_dm" / "conf" / "logger" / "default.yaml"
 
 
 def make_cfg(method: str = "rigl", sparsity: float = 0.9, prune_rate: float = 0.05, seed: int = 1):

@@ -15,7 +15,7 @@ from sparse_dm import config
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "multirun_sweeps"
 # --config-dir multirun_sweeps on the command line == this search-path entry for compose()
-SEARCH = f"hydra.searchpath=[file://{REPO / 'conf'}]"
+SEARCH = f"hydra.searchpath=[file://{REPO / 'sparse_dm' / 'conf'}]"
 S_GRID = {0.1, 0.25, 0.5, 0.75, 0.9}
 SEEDS = {0, 1, 2}
 EXPECTED = {  # file -> (jobs, methods, sparsities, prune rates, seeds, Te of the default experiment)

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "inference" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "inference" / "default.yaml"
 
 
 def default_inference_config() -> dict[str, Any]:
