@@ -1,0 +1,136 @@
+"""The pure-torch reference of the sparse layers against masked dense float64 models (see oracle.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_dm.sparse_backend import SparseBiGRU, SparseLayout, SparseLinear
+from tests.sparse_backend.oracle import exact_mask, float64_copy, masked_gru, pack, packed_batch, tolerance
+
+DENSITIES = [0.05, 0.3, 1.0]
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
+def test_layout_round_trip_is_bit_exact(density: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.rand(37, 53, generator=generator) < density
+    dense = torch.randn(37, 53, generator=generator).masked_fill(~mask, 0.0)
+    layout = SparseLayout.from_mask(mask)
+    values = layout.compact(dense)
+    assert layout.nnz == int(mask.sum()) and values.shape == (layout.nnz,)
+    assert torch.equal(layout.expand(values).view(torch.int32), dense.view(torch.int32))
+    assert torch.equal(layout.mask(), mask)
+    assert all(t.dtype == torch.int32 for t in (layout.crow, layout.col, layout.ccol, layout.csc_perm))
+    # CSC through the permutation: column by column, rows ascending, the same values
+    csc = torch.sparse_csc_tensor(layout.ccol.long(), layout.csc_row.long(), values[layout.csc_perm.long()],
+                                  (37, 53)).to_dense()  # fmt: skip
+    assert torch.equal(csc, dense)
+
+
+def linear_pair(density: float, seed: int) -> tuple[SparseLinear, nn.Linear]:
+    torch.manual_seed(seed)
+    linear = nn.Linear(70, 40)
+    mask = exact_mask((40, 70), density, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+    sparse = SparseLinear.from_linear(linear, kernels=None, mask=mask)
+    return sparse, linear.double()
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_reference_linear_matches_masked_dense(density: float) -> None:
+    sparse, dense = linear_pair(density, seed=3)
+    x = torch.randn(2, 33, 70, dtype=torch.float64)
+    x32 = x.float().requires_grad_()
+    x64 = x.clone().requires_grad_()
+    sparse.dense_grad_requested = True
+    y32, y64 = sparse(x32), dense(x64)
+    upstream = torch.randn_like(y64)
+    (y32 * upstream.float()).sum().backward()
+    (y64 * upstream).sum().backward()
+    layout = sparse.layouts["weight"]
+    mask = layout.mask()
+    # forward sums 70 products (+ bias), input grads 40, weight grads the 66 rows of x
+    scale = float(x.abs().max() * dense.weight.detach().abs().max() * 70 + dense.bias.detach().abs().max())
+    torch.testing.assert_close(y32.double(), y64, rtol=0, atol=tolerance(71, scale))
+    grad_scale = float(upstream.abs().max() * dense.weight.detach().abs().max() * 40)
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=0, atol=tolerance(40, grad_scale))
+    w_scale = float(upstream.abs().max() * x.abs().max() * 66)
+    w_grad = dense.weight.grad
+    torch.testing.assert_close(sparse.weight_values.grad.double(), w_grad[mask], rtol=0,
+                               atol=tolerance(66, w_scale))  # fmt: skip
+    dense_grad = sparse.dense_grad("weight")
+    torch.testing.assert_close(dense_grad.double(), w_grad, rtol=0, atol=tolerance(66, w_scale))
+    torch.testing.assert_close(sparse.bias.grad.double(), dense.bias.grad, rtol=0,
+                               atol=tolerance(66, float(upstream.abs().max()) * 66))  # fmt: skip
+
+
+def test_dense_grad_only_on_request() -> None:
+    sparse, _ = linear_pair(0.3, seed=4)
+    sparse(torch.randn(5, 70)).sum().backward()
+    assert sparse.dense_grad("weight") is None
+
+
+GRU_LENGTHS = [7, 1, 4, 7, 2, 5, 1]  # variable, unsorted, length-1 sequences included
+
+
+def run_gru(module: nn.Module, x, lengths):
+    output, h_n = module(pack(x, lengths))
+    return output.data, h_n
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_reference_bigru_matches_masked_nn_gru(density: float) -> None:
+    gru, masks = masked_gru(input_size=5, hidden=8, layers=2, density=density, seed=11)
+    sparse = SparseBiGRU(gru, kernels=None)
+    oracle = float64_copy(gru)
+    x32, lengths = packed_batch(GRU_LENGTHS, 5, seed=12, dtype=torch.float32)
+    x64 = x32.detach().double().requires_grad_()
+    sparse.dense_grad_requested = True
+    out32, h32 = run_gru(sparse, x32, lengths)
+    out64, h64 = run_gru(oracle, x64, lengths)
+    up_out, up_h = torch.randn_like(out64), torch.randn_like(h64)
+    ((out32 * up_out.float()).sum() + (h32 * up_h.float()).sum()).backward()
+    ((out64 * up_out).sum() + (h64 * up_h).sum()).backward()
+    got, want = (out32, h32, x32.grad), (out64, h64, x64.grad)
+    check_gru(sparse, oracle, masks, got, want, max(GRU_LENGTHS), len(GRU_LENGTHS))
+
+
+def check_gru(sparse, oracle, masks, got, want, steps: int, batch: int) -> None:
+    """Outputs, h_n, input, value, bias and dense weight gradients. Forward reduction chain: steps x
+    (fan-in + 1) per layer; gradients add the sums over the packed columns. Gates are bounded (|s|, |tanh|
+    <= 1), so the scale is the largest |input|, |state| (<= 1) times the largest weight row sum."""
+    hidden, layers = sparse.hidden_size, sparse.num_layers
+    fan_in = max(sparse.input_size, 2 * hidden) + hidden + 1
+    chain = steps * fan_in * layers
+    columns = steps * batch
+    weights = [p.detach() for n, p in oracle.named_parameters() if n.startswith("weight")]
+    row_sum = max(float(w.abs().sum(dim=1).max()) for w in weights)
+    scale = max(1.0, float(want[2].abs().max())) * (1.0 + row_sum)
+    names = ["output", "h_n", "input grad"]
+    for name, a, b in zip(names, got, want, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=tolerance(chain, scale), msg=name)
+    for name, param in oracle.named_parameters():
+        grad_tol = tolerance(chain + columns, scale * max(1.0, float(param.grad.abs().max())))
+        if name.startswith("weight"):
+            mask = masks[name]
+            torch.testing.assert_close(sparse.values(name).grad.double(), param.grad[mask], rtol=0,
+                                       atol=grad_tol, msg=f"{name} values")  # fmt: skip
+            dense = sparse.dense_grad(name)
+            assert dense is not None, name
+            torch.testing.assert_close(dense.double(), param.grad, rtol=0, atol=grad_tol, msg=f"{name} dense")
+        else:
+            torch.testing.assert_close(getattr(sparse, name).grad.double(), param.grad, rtol=0, atol=grad_tol,
+                                       msg=name)  # fmt: skip
+
+
+def test_reference_bigru_full_length_batch_first_tensor() -> None:
+    gru, _ = masked_gru(input_size=4, hidden=6, layers=1, density=0.5, seed=21)
+    sparse = SparseBiGRU(gru, kernels=None)
+    x = torch.randn(3, 5, 4)
+    got, h_got = sparse(x)
+    want, h_want = float64_copy(gru)(x.double())
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tolerance(5 * 11, 2.0 * 6))
+    torch.testing.assert_close(h_got.double(), h_want, rtol=0, atol=tolerance(5 * 11, 2.0 * 6))
