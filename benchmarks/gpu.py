@@ -143,7 +143,7 @@ def run_checks(settings: dict, device: torch.device, work: Path) -> list[dict]:
 def cpu_vs_device_output(ckpt: Path, device: torch.device) -> float:
     """The same checkpoint's denoiser (routed by timestep band where the run has bands) on the CPU and on
     `device`, one input with timesteps in every band: the largest output difference."""
-    from sparse_dm.inference.sources import load_module
+    from sparse_dm.run.load import load_module
 
     module, _ = load_module(ckpt)
     generator = torch.Generator().manual_seed(0)

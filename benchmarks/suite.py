@@ -28,19 +28,20 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
+from sparse_dm import CONFIG_DIR
 from sparse_dm.data.stroke3 import load_stroke3_npz, resolve_data_path
 from sparse_dm.diffusion import NoiseSchedule, ddim_sample
-from sparse_dm.export import pack_net
 from sparse_dm.inference import gru_loops, inference_form, resolve_thresholds
 from sparse_dm.inference.config import default_inference_config
 from sparse_dm.models.chirodiff import ChiroDiffNet
 from sparse_dm.models.ldm_unet import UNetModel
+from sparse_dm.run.sdm import pack_net
 from sparse_dm.sparsity import MaskedEMA, SparseEngine
 from sparse_dm.sparsity.masks import MASK_SUFFIX, apply_masks, mask_gradients
 from sparse_dm.sparsity.step import SparseStep
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
+CONF_DIR = CONFIG_DIR
 FULL = {
     "train_pairs": 120,
     "warmup": 3,

@@ -13,9 +13,7 @@ or '=': ckpt_path="'...'".
 
 from __future__ import annotations
 
-import json
 import logging
-import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_dm.lightning.diffusion_module import DiffusionModule
+from sparse_dm.files.checkpoint import read_checkpoint
+from sparse_dm.inference.prepare import BACKENDS, prepare
 from sparse_dm.metrics.fidelity import (
     FidelityConfig,
     extract_stats,
@@ -33,46 +32,18 @@ from sparse_dm.metrics.fidelity import (
     resolve_weights,
 )
 from sparse_dm.metrics.images_for_fid import generated_batches, reference_batches, reference_identity
-from sparse_dm.sample import BACKENDS, check_choice, prepare
-from sparse_dm.summary import write_summary
-from sparse_dm.train import build_run
+from sparse_dm.run.build import build_run
+from sparse_dm.run.checks import check_choice
+from sparse_dm.run.folder import SUMMARY, load_run_config, run_dir_of
+from sparse_dm.run.summary import merge_results
+from sparse_dm.training.modules.diffusion import DiffusionModule
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG = "config.yaml"  # resolved config written by sparse_dm.train into the run dir
-HYDRA_RUN_CONFIG = Path(".hydra") / "config.yaml"
-SUMMARY = "summary.json"
-STEPS_KEY = "fid_by_steps"
 
 
-def run_dir_of(ckpt_path: Path, run_dir: str | None) -> Path:
-    """The training run's folder: given, or the parent of the checkpoint's `checkpoints/` folder."""
-    return Path(run_dir) if run_dir else ckpt_path.resolve().parent.parent
 
 
-def load_run_config(run_dir: Path) -> DictConfig:
-    """The run's config (resolved copy if present), pointed at the run dir for outputs."""
-    for name in (RUN_CONFIG, HYDRA_RUN_CONFIG):
-        if (run_dir / name).is_file():
-            cfg = OmegaConf.load(run_dir / name)
-            cfg.paths.output_dir = str(run_dir)
-            return cfg
-    raise FileNotFoundError(
-        f"no {RUN_CONFIG} or {HYDRA_RUN_CONFIG} in {run_dir}: is this a training run folder?"
-    )
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Tensors and plain containers only (`weights_only=True`): a checkpoint that needs arbitrary
-    unpickling is refused, since unpickling can run code. sparse_dm's own checkpoints always load."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing to load {path}: it pickles objects other than tensors and plain containers "
-            f"({str(err).splitlines()[0]}). If you trust the file, re-save its state_dict with plain "
-            "torch.save and evaluate that."
-        ) from err
 
 
 def generate_images(
@@ -84,15 +55,6 @@ def generate_images(
     return generated_batches(
         module, cfg.num_samples, cfg.batch_size, generator, steps, grid_path, progress=True
     )
-
-
-def merge_results(summary_path: Path, result: dict[str, Any], steps: int, default_steps: int) -> None:
-    """Record this evaluation; the headline FID follows the run's configured step count."""
-    summary = json.loads(summary_path.read_text())
-    update: dict[str, Any] = {STEPS_KEY: {**summary.get(STEPS_KEY, {}), str(steps): result}}
-    if steps == default_steps or summary.get("fid") is None:
-        update.update(result)
-    write_summary(summary_path, update)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -107,7 +69,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"no {SUMMARY} in {run_dir}: evaluate runs that finished training")
     run_cfg = load_run_config(run_dir)
     module, datamodule, _ = build_run(run_cfg)
-    checkpoint = load_checkpoint(ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path)
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))

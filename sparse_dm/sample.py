@@ -19,30 +19,18 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_dm.export import SUFFIX
-from sparse_dm.inference import gru_loops, install_inference_form, resolve_thresholds
-from sparse_dm.inference.sources import load_module
-from sparse_dm.lightning.diffusion_module import SAMPLING_WEIGHTS
+from sparse_dm.inference.prepare import BACKENDS, prepare
+from sparse_dm.run.checks import check_choice
+from sparse_dm.run.load import load_module
+from sparse_dm.run.sdm import SUFFIX
+from sparse_dm.training.modules.diffusion import SAMPLING_WEIGHTS
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("sparse", "dense")
 
 
-def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"invalid config: {key}={value!r}; allowed: one of {allowed}")
 
 
-def prepare(module: Any, backend: str, weights: str, inference_cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """Make `module` sample with `weights` (ema | raw) on `backend`; for the sparse form, what it runs."""
-    if backend != "sparse":
-        module.sampling_cfg["weights"] = weights
-        return None
-    choices = install_inference_form(module, resolve_thresholds(inference_cfg), weights)
-    csr = sum(c.kernel == "csr" for c in choices)
-    log.info("sparse form: %d of %d matrices CSR", csr, len(choices))
-    return {"csr_matrices": csr, "matrices": len(choices), "gru": gru_loops(module.net)}
 
 
 def save_arrays(samples: Any, path: Path) -> Path:

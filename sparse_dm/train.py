@@ -21,117 +21,43 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_dm import config, preflight
-from sparse_dm.band_cost import timestep_bands
-from sparse_dm.cost import active_counts, compute_cost
-from sparse_dm.lightning.checkpointing import (
+from sparse_dm.planning import disk as preflight
+from sparse_dm.planning.cost import compute_cost
+from sparse_dm.run import checks as config
+from sparse_dm.run.build import build_run
+from sparse_dm.run.start import RunPreempted, checkpoint_records, refuse_implicit_resume, resolve_start
+from sparse_dm.run.summary import build_summary, sketch_stats_entry, write_summary
+from sparse_dm.training.callbacks.dst import DSTCallback
+from sparse_dm.training.callbacks.fidelity import FidelityCallback
+from sparse_dm.training.callbacks.nonfinite_guard import NonFiniteLossGuard, check_final_metric
+from sparse_dm.training.callbacks.rng_state import RNGStateCallback
+from sparse_dm.training.checkpointing import (
     AtomicCheckpointIO,
     ResumeCheckpoint,
     RunFingerprint,
     TrainingPreempted,
-    check_resume_compatible,
-    list_checkpoints,
-    read_checkpoint,
-    resolve_resume,
 )
-from sparse_dm.lightning.csv_history import read_csv_history, restore_csv_history
-from sparse_dm.lightning.diffusion_module import DiffusionModule
-from sparse_dm.lightning.dst_callback import DSTCallback
-from sparse_dm.lightning.fidelity_callback import FidelityCallback
-from sparse_dm.lightning.init_from import check_init_compatible, init_from_checkpoint
-from sparse_dm.lightning.nonfinite_guard import NonFiniteLossGuard, check_final_metric
-from sparse_dm.lightning.rng_state import RNGStateCallback
-from sparse_dm.lightning.wandb_logging import CSV_DIR, build_loggers, finish_loggers
-from sparse_dm.sparsity.engine import EmptyLayerError, SparseEngine, check_layer_budget
-from sparse_dm.summary import build_summary, sketch_stats_entry, write_summary
+from sparse_dm.training.init_from import init_from_checkpoint
+from sparse_dm.training.loggers.csv_history import read_csv_history, restore_csv_history
+from sparse_dm.training.loggers.wandb import CSV_DIR, build_loggers, finish_loggers
 
 log = logging.getLogger(__name__)
 
 
-def check_sparsity_budget(cfg: DictConfig) -> None:
-    """Refuse, before data or weights exist, a sparsity that leaves a layer with no active weight
-    (counts from the denoiser built on the meta device: no memory, no time)."""
-    if cfg.method.name == "dense":
-        return
-    with torch.device("meta"):
-        net = instantiate(cfg.model.net, _convert_="all")
-    bands = timestep_bands(cfg)
-    for key, sparsity in (
-        [("sparsity", float(cfg.sparsity))]
-        if bands is None
-        else [(f"method.timestep_bands.sparsities[{k}]", s) for k, s in enumerate(bands.sparsities)]
-    ):
-        counts = active_counts(cfg, net, sparsity)
-        try:
-            check_layer_budget(list(counts), list(counts.values()))
-        except EmptyLayerError as err:
-            raise config.ConfigError(f"invalid config: {key}={sparsity}: {err}") from err
 
 
-def build_run(cfg: DictConfig) -> tuple[DiffusionModule, L.LightningDataModule, SparseEngine | None]:
-    """Datamodule, module and (for sparse methods) the engine with masks attached to module.net.
-
-    Used by training and by evaluation (which then loads a checkpoint into the returned module).
-    """
-    config.validate(cfg)
-    check_sparsity_budget(cfg)
-    L.seed_everything(int(cfg.seed), workers=True)
-    # Plain containers (not DictConfig) so checkpoints load with torch.load(weights_only=True).
-    datamodule = instantiate(cfg.dataset, _convert_="all")
-    module: DiffusionModule = instantiate(cfg.model, _convert_="all")
-    engine: SparseEngine | None = None
-    if cfg.method.name != "dense":  # conf/method/*: a partial of sparsity.factory.build_engine
-        engine = instantiate(cfg.method, _convert_="all")(module.net)
-        module.attach_engine(engine)  # a banded engine's router also becomes the denoiser call
-    module.ema.remask(module.net)
-    return module, datamodule, engine
 
 
 def _metrics(trainer: L.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
 
 
-class RunPreempted(SystemExit):
-    """Training stopped at a preemption signal after writing a resumable last.ckpt (exit status 1)."""
 
 
-def refuse_implicit_resume(cfg: DictConfig) -> None:
-    """With an OnExceptionCheckpoint among the callbacks, Lightning turns fit(ckpt_path=None) into
-    "last" and continues whatever run the folder holds; resuming must be asked for."""
-    for name, callback in cfg.callbacks.items():
-        if callback is not None and str(callback.get("_target_", "")).endswith("OnExceptionCheckpoint"):
-            raise config.ConfigError(
-                f"invalid config: callbacks.{name} is an OnExceptionCheckpoint, with which Lightning "
-                "resumes silently from the folder's last checkpoint; remove it (a crash keeps last.ckpt, "
-                "a preemption signal writes it: callbacks.last) and resume with resume=auto|<file.ckpt>"
-            )
 
 
-def resolve_start(cfg: DictConfig, output_dir: Path) -> tuple[Path | None, int, dict[str, Any] | None]:
-    """The checkpoint to resume from and the one to initialise weights from, both checked against the
-    config; raises before anything is written. Ranks > 0 skip the folder check: rank 0 has already
-    started writing into the same folder when they start."""
-    if cfg.resume not in ("never", "auto") and cfg.init_from is not None:
-        raise config.ConfigError("invalid config: resume=<path> and init_from are exclusive; set one")
-    if cfg.resume == "never" and rank_zero_only.rank != 0:
-        resume_path = None
-    else:
-        resume_path = resolve_resume(str(cfg.resume), output_dir)
-    resume_step = 0
-    if resume_path is not None:
-        checkpoint = read_checkpoint(resume_path)
-        check_resume_compatible(checkpoint, resume_path, cfg)
-        resume_step = int(checkpoint["global_step"])
-    init = None
-    if cfg.init_from is not None and resume_path is None:
-        init = read_checkpoint(Path(cfg.init_from))
-        check_init_compatible(init, Path(cfg.init_from), cfg)
-    return resume_path, resume_step, init
 
 
-def checkpoint_records(directory: Path) -> list[dict[str, Any]]:
-    """Every checkpoint of the run with the step it holds, newest first."""
-    return [{"path": str(path), "step": step} for step, path in list_checkpoints(directory)]
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

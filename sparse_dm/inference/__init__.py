@@ -6,7 +6,7 @@ routed by timestep, for models with timestep-band masks: `banded_inference_form`
 `resolve_thresholds(cfg.inference)` (measured on this machine and cached, or fixed in config).
 """
 
-from sparse_dm.inference.banded import BandedForm
+from sparse_dm.inference.bands import BandedForm
 from sparse_dm.inference.calibrate import Thresholds, resolve_thresholds
 from sparse_dm.inference.convert import (
     LayerChoice,

@@ -3,12 +3,13 @@ build their config in code (benchmarks, tests) rather than from a Hydra defaults
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "inference" / "default.yaml"
+from sparse_dm import CONFIG_DIR
+
+DEFAULT_CONFIG = CONFIG_DIR / "inference" / "default.yaml"
 
 
 def default_inference_config() -> dict[str, Any]:

@@ -10,7 +10,7 @@ SparseEngine registers, and what every checkpoint and `.sdm` export holds):
   CSR convolutions were never faster on CPU, see docs/benchmarks.md).
 The form is inference only (no autograd) and equals the masked dense network up to float rounding.
 A model trained with timestep-band masks gets one such form per band, behind a `BandedForm` that
-routes each sample by its timestep (sparse_dm.inference.banded).
+routes each sample by its timestep (sparse_dm.inference.bands).
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from sparse_dm.inference.banded import BandedForm, band_net
+from sparse_dm.inference.bands import BandedForm, band_net
 from sparse_dm.inference.calibrate import Thresholds
 from sparse_dm.inference.chirodiff import SparseChiroDiffNet
 from sparse_dm.inference.kernels import density, masked_weight
 from sparse_dm.inference.sparse_gru import paired_weight
 from sparse_dm.inference.sparse_linear import SparseLinear
-from sparse_dm.lightning.diffusion_module import SAMPLING_WEIGHTS
 from sparse_dm.models.chirodiff import ChiroDiffNet
+from sparse_dm.sparsity.bands import BandRouter, TimestepBands
 from sparse_dm.sparsity.masks import MASK_SUFFIX
-from sparse_dm.sparsity.timestep_bands import BandRouter, TimestepBands
+from sparse_dm.training.modules.diffusion import SAMPLING_WEIGHTS
 
 log = logging.getLogger(__name__)
 

@@ -9,17 +9,15 @@ and decoding quantises to the nearest code first, as LDM does.
 
 from __future__ import annotations
 
-import collections
 import hashlib
-import pickle
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+
+from sparse_dm.files.checkpoint import read_checkpoint
 
 GROUPS = 32  # GroupNorm groups of the reference autoencoder
 NORM_EPS = 1e-6  # GroupNorm eps of the reference autoencoder
@@ -277,40 +275,6 @@ class VQModel(nn.Module):
         return self
 
 
-class InertPickledObject:
-    """Stand-in for the known harmless non-tensor objects of official checkpoints (Lightning callback
-    states, omegaconf configs, argparse namespaces): it only stores what the pickle hands it, never runs
-    the original class's code, and is discarded -- only ``state_dict`` tensors are used."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state: object) -> None:
-        self.state = state
-
-
-# Globals found in CompVis / PyTorch-Lightning 1.x checkpoints besides tensors. Each is replaced by the
-# inert stand-in above (or, for typing.Any and builtin types, by the harmless type itself); anything else
-# is refused by torch's weights-only unpickler.
-KNOWN_HARMLESS_GLOBALS = (
-    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
-    "pytorch_lightning.callbacks.lr_monitor.LearningRateMonitor",
-    "pytorch_lightning.callbacks.early_stopping.EarlyStopping",
-    "pytorch_lightning.utilities.parsing.AttributeDict",
-    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
-    "lightning.fabric.utilities.data.AttributeDict",
-    "omegaconf.dictconfig.DictConfig",
-    "omegaconf.listconfig.ListConfig",
-    "omegaconf.base.ContainerMetadata",
-    "omegaconf.base.Metadata",
-    "omegaconf.nodes.AnyNode",
-    "omegaconf.nodes.StringNode",
-    "omegaconf.nodes.IntegerNode",
-    "omegaconf.nodes.FloatNode",
-    "omegaconf.nodes.BooleanNode",
-    "argparse.Namespace",
-)
-HARMLESS_BUILTINS = (typing.Any, dict, list, tuple, set, int, float, str, bool, collections.defaultdict)
 CONVERSION_HINT = (
     "In an environment you trust (with the libraries that wrote the file installed), extract the weights "
     "once with: python -c \"import torch; torch.save(torch.load('model.ckpt', map_location='cpu', "
@@ -319,43 +283,10 @@ CONVERSION_HINT = (
 )
 
 
-def _unpickler_reason(err: Exception) -> str:
-    """The line of torch's long weights-only error that names the refused global."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
-
-
-def load_checkpoint_safely(path: str | Path) -> Any:
-    """``torch.load`` that never runs code from the file.
-
-    Plain tensor checkpoints load with ``weights_only=True``. Official Lightning checkpoints that also
-    pickle callback states or omegaconf objects load through the same weights-only unpickler with
-    KNOWN_HARMLESS_GLOBALS mapped to an inert stand-in; any other global (e.g. ``os.system`` in a
-    ``__reduce__`` payload) is refused with the conversion hint.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    allowlist = [(InertPickledObject, name) for name in KNOWN_HARMLESS_GLOBALS] + list(HARMLESS_BUILTINS)
-    try:
-        with torch.serialization.safe_globals(allowlist):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing to load {path}: it pickles objects that are not tensors, plain containers or the "
-            f"known harmless Lightning/omegaconf globals ({_unpickler_reason(err)}). Unpickling them could "
-            f"run arbitrary code. {CONVERSION_HINT}"
-        ) from err
-
-
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     """The raw state_dict of a Lightning ``.ckpt`` (``{"state_dict": ...}``) or of a bare state_dict,
-    read with load_checkpoint_safely (never unpickles code)."""
-    obj = load_checkpoint_safely(path)
+    read with sparse_dm.files.read_checkpoint (never unpickles code)."""
+    obj = read_checkpoint(path, hint=CONVERSION_HINT)
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} holds no state_dict of tensors (top-level type {type(obj).__name__})")

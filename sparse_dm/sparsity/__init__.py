@@ -4,12 +4,12 @@ Plain PyTorch; no Lightning and nothing diffusion-specific, so it drops into any
 """
 
 from sparse_dm.sparsity.adaptive import AdaptivePruneRate
-from sparse_dm.sparsity.banded_engine import BandedSparseEngine
+from sparse_dm.sparsity.bands import BandRouter, TimestepBands
+from sparse_dm.sparsity.bands_engine import BandedSparseEngine
 from sparse_dm.sparsity.distributions import layer_counts, layer_densities
 from sparse_dm.sparsity.ema import MaskedEMA
 from sparse_dm.sparsity.engine import SparseEngine, UpdateReport
 from sparse_dm.sparsity.masks import PrunableWeight, apply_masks, find_prunable
-from sparse_dm.sparsity.timestep_bands import BandRouter, TimestepBands
 
 __all__ = [
     "AdaptivePruneRate",

@@ -15,9 +15,9 @@ from typing import Any
 from torch import nn
 
 from sparse_dm.sparsity.adaptive import AdaptivePruneRate
-from sparse_dm.sparsity.banded_engine import BandedSparseEngine
+from sparse_dm.sparsity.bands import TimestepBands
+from sparse_dm.sparsity.bands_engine import BandedSparseEngine
 from sparse_dm.sparsity.engine import SparseEngine
-from sparse_dm.sparsity.timestep_bands import TimestepBands
 
 BANDS_KEYS = frozenset({"boundaries", "sparsities"})
 ADAPTIVE_KEYS = frozenset({"loss_ema_decay", "min_prune_rate"})

@@ -8,8 +8,9 @@ import torch
 from helpers.tiny_run import STEP, fake_run
 from omegaconf import OmegaConf
 
-from sparse_dm.export import decode_masked, encode_masked, export, net_from_sdm, read_sdm
-from sparse_dm.inference.sources import module_from_lightning
+from sparse_dm.export import export
+from sparse_dm.run.load import module_from_lightning
+from sparse_dm.run.sdm import decode_masked, encode_masked, net_from_sdm, read_sdm
 from sparse_dm.sparsity.masks import MASK_SUFFIX
 
 

@@ -10,7 +10,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_dm import config
+from sparse_dm.run import checks as config
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEPS = REPO / "multirun_sweeps"

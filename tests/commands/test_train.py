@@ -10,9 +10,9 @@ import torch
 from helpers.run_config import TINY_CHIRODIFF, compose_config
 from PIL import Image
 
-from sparse_dm.config import ConfigError
-from sparse_dm.lightning.chirodiff_module import ChiroDiffModule
+from sparse_dm.run.checks import ConfigError
 from sparse_dm.train import run
+from sparse_dm.training.modules.chirodiff import ChiroDiffModule
 
 SUMMARY_KEYS = {
     "model",

@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from sparse_dm.lightning.dst_callback import DSTCallback
+from sparse_dm.training.callbacks.dst import DSTCallback
 
 
 class RankStateProbe(L.Callback):

@@ -7,7 +7,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "sparse_dm" / "conf"
+from sparse_dm import CONFIG_DIR
+
+CONF_DIR = CONFIG_DIR
 
 # A tiny ChiroDiff on the bundled KanjiVG: seconds per run on 2 cores (conf/debug/tiny.yaml).
 TINY_CHIRODIFF = ["debug=tiny"]

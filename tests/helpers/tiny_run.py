@@ -11,8 +11,8 @@ import torch
 from helpers.run_config import TINY_CHIRODIFF, compose_config
 from omegaconf import OmegaConf
 
+from sparse_dm.run.build import build_run
 from sparse_dm.sparsity.masks import apply_masks
-from sparse_dm.train import build_run
 
 TINY_SPARSE_CHIRODIFF = [
     *TINY_CHIRODIFF,

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sparse_dm.data.loader import ResumableDataLoader
-from sparse_dm.lightning.diffusion_module import DiffusionBatch, DiffusionModule
+from sparse_dm.training.modules.diffusion import DiffusionBatch, DiffusionModule
 
 MODULE_KWARGS = {
     "name": "toy",

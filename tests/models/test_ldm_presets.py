@@ -15,10 +15,11 @@ from helpers.run_config import compose_config
 from hydra.utils import instantiate
 from PIL import Image
 
-from sparse_dm import preflight
-from sparse_dm.lightning.ldm_module import CHECKPOINT_HASH_KEY
 from sparse_dm.models.vq_autoencoder import VQModel
-from sparse_dm.train import build_run, run
+from sparse_dm.planning import disk as preflight
+from sparse_dm.run.build import build_run
+from sparse_dm.train import run
+from sparse_dm.training.modules.ldm import CHECKPOINT_HASH_KEY
 
 TINY_VQ = dict(embed_dim=3, n_embed=16, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=3, resolution=16)
 IMAGENETTE_CLASSES = 10

@@ -1,6 +1,5 @@
 """The LDM UNet: the paper preset's exact size and FLOPs (on meta, no allocation), and behaviour."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,9 +8,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from sparse_dm import CONFIG_DIR
 from sparse_dm.models.ldm_unet import UNetModel, load_compvis_unet
 
-CONF = Path(__file__).resolve().parents[2] / "sparse_dm" / "conf"
+CONF = CONFIG_DIR
 
 
 def paper_unet() -> UNetModel:

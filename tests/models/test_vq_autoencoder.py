@@ -172,7 +172,7 @@ def test_decode_quantises_to_nearest_code():
 
 
 def test_self_trained_first_stage_exports_a_loadable_checkpoint(tmp_path):
-    from sparse_dm.lightning.autoencoder_module import AutoencoderModule
+    from sparse_dm.training.modules.autoencoder import AutoencoderModule
 
     module = AutoencoderModule(
         vq=SMALL,

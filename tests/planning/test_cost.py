@@ -3,7 +3,7 @@
 import pytest
 from helpers.run_config import compose_config
 
-from sparse_dm.cost import compute_cost
+from sparse_dm.planning.cost import compute_cost
 
 
 def cost(tmp_path, *overrides):

@@ -3,8 +3,8 @@
 import pytest
 from helpers.run_config import TINY_CHIRODIFF, compose_config
 
-from sparse_dm import preflight
-from sparse_dm.cost import compute_resources
+from sparse_dm.planning import disk as preflight
+from sparse_dm.planning.cost import compute_resources
 from sparse_dm.train import run
 
 CKPT = "lightning.pytorch.callbacks.ModelCheckpoint"
@@ -12,7 +12,7 @@ CKPT = "lightning.pytorch.callbacks.ModelCheckpoint"
 
 def test_checkpoint_files_follow_the_policy():
     every_500 = {"_target_": CKPT, "every_n_train_steps": 500, "save_last": True}
-    resume = {"_target_": "sparse_dm.lightning.checkpointing.ResumeCheckpoint", "every_n_train_steps": 500}
+    resume = {"_target_": "sparse_dm.training.checkpointing.ResumeCheckpoint", "every_n_train_steps": 500}
     files = preflight.checkpoint_files(
         {"ckpt": {**every_500, "save_top_k": -1}, "last": resume}, 156_300, 1042
     )

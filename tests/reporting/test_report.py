@@ -14,10 +14,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
-from sparse_dm.evaluate import merge_results
 from sparse_dm.metrics import plots
-from sparse_dm.metrics.tables import METRICS
 from sparse_dm.report import make_report, report
+from sparse_dm.reporting.tables import METRICS
+from sparse_dm.run.summary import merge_results
 
 PARAMS, PRUNABLE = 416_859, 413_304
 FLOPS_TRAIN, FLOPS_TEST = 1.8e13, 7.35e9

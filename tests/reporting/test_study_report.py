@@ -18,11 +18,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from sparse_dm.metrics.seed_stats import SeedStats, t_quantile, welch_difference
-from sparse_dm.metrics.study import arm_curve, read_curve, sweep_records
-from sparse_dm.metrics.study_report import make_study_report, study_options
-from sparse_dm.metrics.tables import group_runs, load_summaries
 from sparse_dm.report import report
+from sparse_dm.reporting.seed_stats import SeedStats, t_quantile, welch_difference
+from sparse_dm.reporting.study import arm_curve, read_curve, sweep_records
+from sparse_dm.reporting.study_report import make_study_report, study_options
+from sparse_dm.reporting.tables import group_runs, load_summaries
 from tests.reporting.test_report import assert_real_png
 
 STEPS = 1000

@@ -5,7 +5,7 @@ from helpers.run_config import CONF_DIR, TINY_CHIRODIFF, compose_config
 from hydra.utils import instantiate
 from torch import nn
 
-from sparse_dm import config
+from sparse_dm.run import checks as config
 from sparse_dm.sparsity import MaskedEMA, SparseEngine
 from sparse_dm.train import run
 

@@ -7,7 +7,7 @@ import torch
 from helpers.run_config import compose_config
 from torch import nn
 
-from sparse_dm import config
+from sparse_dm.run import checks as config
 from sparse_dm.sparsity import SparseEngine, criteria
 from sparse_dm.sparsity.criteria import GROW_CRITERIA, Criterion, ScoreContext
 

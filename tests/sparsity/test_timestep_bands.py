@@ -12,24 +12,25 @@ from helpers.run_config import TINY_CHIRODIFF, compose_config
 from omegaconf import OmegaConf
 from torch import nn
 
-from sparse_dm.config import ConfigError, validate
-from sparse_dm.cost import compute_cost
 from sparse_dm.diffusion import NoiseSchedule
 from sparse_dm.diffusion.losses import per_sample_masked_mse
 from sparse_dm.diffusion.samplers import ddim_sample
-from sparse_dm.export import export, module_from_sdm, read_sdm
-from sparse_dm.inference.sources import module_from_lightning
-from sparse_dm.lightning.chirodiff_module import ChiroDiffModule
+from sparse_dm.export import export
 from sparse_dm.models.chirodiff import ChiroDiffNet
-from sparse_dm.sparsity.banded_engine import BandedSparseEngine
-from sparse_dm.sparsity.masks import register_masks
-from sparse_dm.sparsity.timestep_bands import (
+from sparse_dm.planning.cost import compute_cost
+from sparse_dm.run.checks import ConfigError, validate
+from sparse_dm.run.load import module_from_lightning
+from sparse_dm.run.sdm import module_from_sdm, read_sdm
+from sparse_dm.sparsity.bands import (
     BAND_MASKS_SUFFIX,
     TimestepBands,
     band_masks,
     register_band_masks,
 )
+from sparse_dm.sparsity.bands_engine import BandedSparseEngine
+from sparse_dm.sparsity.masks import register_masks
 from sparse_dm.train import run
+from sparse_dm.training.modules.chirodiff import ChiroDiffModule
 from tests.training.test_ddp import SHORT, TWO_RANKS, assert_identical, rank_states, train_two_ranks
 from tests.training.test_resume import CHIRODIFF, STEPS, assert_same_run, crash_at
 

@@ -21,8 +21,10 @@ from helpers.toy_diffusion import ToyData, make_module
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
 from sparse_dm import evaluate as evaluate_mod
-from sparse_dm.config import ConfigError
-from sparse_dm.lightning.checkpointing import (
+from sparse_dm.run.build import build_run
+from sparse_dm.run.checks import ConfigError
+from sparse_dm.train import run
+from sparse_dm.training.checkpointing import (
     LAST,
     AtomicCheckpointIO,
     NonFiniteStateError,
@@ -31,8 +33,7 @@ from sparse_dm.lightning.checkpointing import (
     requeue_slurm_job,
     resolve_resume,
 )
-from sparse_dm.lightning.init_from import init_from_checkpoint
-from sparse_dm.train import build_run, run
+from sparse_dm.training.init_from import init_from_checkpoint
 
 SHORT = [*TINY_CHIRODIFF, "num_threads=1", "trainer.enable_progress_bar=false"]
 
@@ -148,7 +149,7 @@ def test_dense_checkpoint_needs_init_from_and_is_pruned_to_the_masks(tmp_path):
 KILL_DURING_WRITE = textwrap.dedent(
     """
     import os, signal, sys, torch
-    from sparse_dm.lightning.checkpointing import AtomicCheckpointIO
+    from sparse_dm.training.checkpointing import AtomicCheckpointIO
 
     path = sys.argv[1]
     real_save = torch.save

@@ -12,10 +12,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
+from sparse_dm import CONFIG_DIR
 from sparse_dm.data.stroke3 import Stroke3DataModule, collate_stroke3
-from sparse_dm.lightning.chirodiff_module import LENGTH_POOL_KEY, ChiroDiffModule
-from sparse_dm.lightning.diffusion_module import factory_config
 from sparse_dm.sparsity.flops import forward_flops, measure_weight_uses
+from sparse_dm.training.modules.chirodiff import LENGTH_POOL_KEY, ChiroDiffModule
+from sparse_dm.training.modules.diffusion import factory_config
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +28,7 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-CONF = str(Path(__file__).resolve().parents[2] / "sparse_dm" / "conf")
+CONF = str(CONFIG_DIR)
 TINY = [
     "model.net.hidden_size=8",
     "model.net.num_layers=1",

@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 
-from sparse_dm.lightning.console_noise import silence_known_noise
-from sparse_dm.lightning.wandb_logging import build_loggers, finish_loggers
+from sparse_dm.training.loggers.console_noise import silence_known_noise
+from sparse_dm.training.loggers.wandb import build_loggers, finish_loggers
 from tests.training.test_logging import make_cfg
 
 RANK_ZERO = "lightning.pytorch.utilities.rank_zero"

@@ -11,9 +11,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins import MixedPrecision
 
-from sparse_dm.lightning.dst_callback import DSTCallback
-from sparse_dm.lightning.rng_state import RNGStateCallback
 from sparse_dm.sparsity import MaskedEMA, SparseEngine
+from sparse_dm.training.callbacks.dst import DSTCallback
+from sparse_dm.training.callbacks.rng_state import RNGStateCallback
 
 
 def trainer(tmp_path, max_steps: int, callbacks, **kwargs) -> L.Trainer:

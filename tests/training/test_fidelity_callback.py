@@ -22,9 +22,9 @@ from lightning.pytorch.loggers.logger import Logger
 from torch import Tensor
 
 from sparse_dm.data.images import TensorImageDataset
-from sparse_dm.lightning.fidelity_callback import FidelityCallback
 from sparse_dm.metrics.fidelity import FidelityUnavailableError
 from sparse_dm.metrics.images_for_fid import ImageFidSource
+from sparse_dm.training.callbacks.fidelity import FidelityCallback
 
 IMAGE_SIZE = 16
 EXTENT = 3.0  # rendered window: [-EXTENT, EXTENT]^2 covers the toy data's two clusters

@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader
 
 from sparse_dm.data.images import TensorImageDataset
 from sparse_dm.diffusion import ddim_sample, ddpm_sample
-from sparse_dm.lightning.diffusion_module import DiffusionBatch
-from sparse_dm.lightning.ldm_module import LatentDiffusionModule
 from sparse_dm.models.vq_autoencoder import VQModel
+from sparse_dm.training.modules.diffusion import DiffusionBatch
+from sparse_dm.training.modules.ldm import LatentDiffusionModule
 
 VQ = dict(embed_dim=3, n_embed=16, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=3, resolution=16)
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import OmegaConf
 
-from sparse_dm.lightning.wandb_logging import (
+from sparse_dm import CONFIG_DIR
+from sparse_dm.training.loggers.wandb import (
     build_loggers,
     finish_loggers,
     flat_config,
@@ -15,7 +14,7 @@ from sparse_dm.lightning.wandb_logging import (
     wandb_mode,
 )
 
-LOGGER_CONFIG = Path(__file__).parents[2] / "sparse_dm" / "conf" / "logger" / "default.yaml"
+LOGGER_CONFIG = CONFIG_DIR / "logger" / "default.yaml"
 
 
 def make_cfg(method: str = "rigl", sparsity: float = 0.9, prune_rate: float = 0.05, seed: int = 1):

@@ -19,9 +19,10 @@ import pytest
 import torch
 from helpers.run_config import TINY_CHIRODIFF, compose_config
 
-from sparse_dm.lightning.chirodiff_module import ChiroDiffModule
-from sparse_dm.lightning.ldm_module import LatentDiffusionModule
-from sparse_dm.train import RunPreempted, run
+from sparse_dm.run.start import RunPreempted
+from sparse_dm.train import run
+from sparse_dm.training.modules.chirodiff import ChiroDiffModule
+from sparse_dm.training.modules.ldm import LatentDiffusionModule
 
 STEPS = 12
 # Mask updates at 3, 6, 9 (never on the final step 12); validations at 4, 8, 12; last.ckpt every 7

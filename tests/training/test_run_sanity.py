@@ -15,16 +15,16 @@ import torch
 from helpers.run_config import TINY_CHIRODIFF, compose_config
 from hydra.utils import instantiate
 
-from sparse_dm.config import ConfigError, validate
-from sparse_dm.lightning.chirodiff_module import ChiroDiffModule
-from sparse_dm.lightning.nonfinite_guard import (
+from sparse_dm.metrics.sketch_stats import STAT_NAMES, sketch_stats
+from sparse_dm.run.checks import ConfigError, validate
+from sparse_dm.train import run
+from sparse_dm.training.callbacks.nonfinite_guard import (
     NonFiniteLossError,
     NonFiniteLossGuard,
     NonFiniteMetricError,
     check_final_metric,
 )
-from sparse_dm.metrics.sketch_stats import STAT_NAMES, sketch_stats
-from sparse_dm.train import run
+from sparse_dm.training.modules.chirodiff import ChiroDiffModule
 
 NAN = float("nan")
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from helpers.toy_diffusion import ToyData, make_module
 
-from sparse_dm.lightning.dst_callback import DSTCallback
 from sparse_dm.sparsity import SparseEngine
 from sparse_dm.sparsity.step import SparseStep
+from sparse_dm.training.callbacks.dst import DSTCallback
 
 INTERVAL = 3
 STEPS = 7  # updates at steps 3 and 6

@@ -1,1 +1,0 @@
-"""Lightning adapters: the shared diffusion LightningModule, model-family modules, DST callback."""

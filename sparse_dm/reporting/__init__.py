@@ -1,0 +1,1 @@
+"""Tables, plots and studies made from finished runs' summary.json files (no training, no models)."""

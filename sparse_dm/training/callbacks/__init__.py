@@ -1,0 +1,1 @@
+"""Lightning callbacks: the DST mask updates, in-training FID, the non-finite guard and RNG state."""

@@ -1,0 +1,1 @@
+"""Where metrics go: W&B (offline by default), the CSV history that survives resume, console noise filters."""
