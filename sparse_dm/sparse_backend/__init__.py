@@ -7,10 +7,22 @@ gradients only at the active positions (a sampled product); the dense weight gra
 when the caller asks for it (mask-update steps). `reference` holds the pure-torch oracle.
 """
 
-from sparse_dm.sparse_backend.gru import SparseBiGRU
+from sparse_dm.sparse_backend.compiled import KernelUnavailable, TrainKernels, load_train_kernels
+from sparse_dm.sparse_backend.gru import ColumnPlan, SparseBiGRU
 from sparse_dm.sparse_backend.layout import SparseLayout
 from sparse_dm.sparse_backend.linear import SparseLinear
 from sparse_dm.sparse_backend.reference import DenseGrad
 from sparse_dm.sparse_backend.weights import VALUES_SUFFIX, SparseWeights
 
-__all__ = ["VALUES_SUFFIX", "DenseGrad", "SparseBiGRU", "SparseLayout", "SparseLinear", "SparseWeights"]
+__all__ = [
+    "VALUES_SUFFIX",
+    "ColumnPlan",
+    "DenseGrad",
+    "KernelUnavailable",
+    "SparseBiGRU",
+    "SparseLayout",
+    "SparseLinear",
+    "SparseWeights",
+    "TrainKernels",
+    "load_train_kernels",
+]

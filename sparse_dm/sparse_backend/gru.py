@@ -11,11 +11,16 @@ directions, so a sequence's reverse pass starts from h = 0 at its own last step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from sparse_dm.sparse_backend import reference
+from sparse_dm.sparse_backend.compiled import TrainKernels
+from sparse_dm.sparse_backend.linear import aligned
 from sparse_dm.sparse_backend.weights import SparseWeights
 from sparse_dm.sparsity.masks import MASK_SUFFIX
 
@@ -26,6 +31,105 @@ def direction_suffixes(layer: int) -> tuple[str, str]:
     return f"_l{layer}", f"_l{layer}_reverse"
 
 
+@dataclass(frozen=True)
+class ColumnPlan:
+    """Feature-major columns of a packed batch: time step t owns [offsets[t], offsets[t] + sizes[t]),
+    padded to a multiple of `lanes`; `index[i]` is the column of packed row i (PackedSequence order)."""
+
+    steps: int
+    sizes: Tensor  # (T,) int32: sequences longer than t
+    offsets: Tensor  # (T,) int32: first column of step t
+    columns: int  # all columns, padding included
+    index: Tensor  # (N,) int64
+    last: Tensor  # (B,) int64: column of each (sorted) sequence's last step
+    first: Tensor  # (B,) int64: column of its first step
+
+    @classmethod
+    def build(cls, batch_sizes: Tensor, lanes: int) -> ColumnPlan:
+        sizes = batch_sizes.detach().cpu().long()
+        if sizes.dim() != 1 or len(sizes) == 0 or bool((sizes[1:] > sizes[:-1]).any()) or int(sizes[-1]) < 1:
+            raise ValueError(f"batch_sizes must be non-increasing and positive, got {sizes.tolist()}")
+        width = (sizes + lanes - 1) // lanes * lanes
+        offsets = torch.cumsum(width, 0) - width
+        step = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        within = torch.arange(len(step)) - (torch.cumsum(sizes, 0) - sizes)[step]
+        lengths = (sizes[None, :] > torch.arange(int(sizes[0]))[:, None]).sum(dim=1)
+        return cls(
+            steps=len(sizes),
+            sizes=sizes.to(torch.int32),
+            offsets=offsets.to(torch.int32),
+            columns=int(width.sum()),
+            index=offsets[step] + within,
+            last=offsets[lengths - 1] + torch.arange(int(sizes[0])),
+            first=torch.arange(int(sizes[0])),
+        )
+
+    def check(self, ld: int) -> None:
+        if ld != self.columns:
+            raise ValueError(f"activations have {ld} columns, the batch plan {self.columns}")
+
+
+class CompiledGRULayer(torch.autograd.Function):
+    """One bidirectional layer on feature-major columns: x (F, ld) -> out (2H, ld), forward rows first.
+    After `x`: values of W_ih, W_ih_reverse, W_hh, W_hh_reverse, then b_ih, b_ih_rev, b_hh, b_hh_rev."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, *args: Any) -> Tensor:
+        values, biases = args[:4], args[4:8]
+        kernels, plan, layouts, sinks = args[8:]
+        x = aligned(x)
+        hidden = layouts[2].shape[1]
+        gi = x.new_empty(6 * hidden, plan.columns)
+        for d in range(2):  # the input projection of every column at once, b_ih folded in
+            kernels.spmm(layouts[d], values[d], x, gi[d * 3 * hidden : (d + 1) * 3 * hidden], bias=biases[d])
+        out, hprev = x.new_empty(2 * hidden, plan.columns), x.new_empty(2 * hidden, plan.columns)
+        saved = x.new_empty(8 * hidden, plan.columns)
+        recurrent = [(layouts[2 + d], values[2 + d], biases[2 + d]) for d in range(2)]
+        kernels.gru_forward(plan, gi, recurrent, out, hprev, saved)
+        ctx.save_for_backward(x, hprev, saved, *values)
+        ctx.kernels, ctx.plan, ctx.layouts, ctx.sinks = kernels, plan, layouts, sinks
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, hprev, saved, *values = ctx.saved_tensors
+        kernels, plan, layouts, sinks = ctx.kernels, ctx.plan, ctx.layouts, ctx.sinks
+        hidden = layouts[2].shape[1]
+        rows = 3 * hidden
+        dgi, dgh = x.new_empty(6 * hidden, plan.columns), x.new_empty(6 * hidden, plan.columns)
+        recurrent = [(layouts[2 + d], values[2 + d]) for d in range(2)]
+        kernels.gru_backward(plan, aligned(grad_out), hprev, saved, recurrent, dgi, dgh)
+        per_direction = [(dgi[d * rows : (d + 1) * rows], dgh[d * rows : (d + 1) * rows]) for d in range(2)]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = x.new_empty(x.shape)
+            for d in range(2):
+                kernels.spmm(
+                    layouts[d], values[d], per_direction[d][0], grad_x, transpose=True, accumulate=d > 0
+                )
+        grad_values, grad_biases = [], []
+        for d in range(2):
+            d_in, d_rec = per_direction[d]
+            h = hprev[d * hidden : (d + 1) * hidden]
+            grad_values.append(kernels.sddmm(layouts[d], d_in, x, values[d].new_empty(layouts[d].nnz)))
+            grad_values.append(
+                kernels.sddmm(layouts[2 + d], d_rec, h, values[2 + d].new_empty(layouts[2 + d].nnz))
+            )
+            grad_biases += [d_in.sum(dim=1), d_rec.sum(dim=1)]
+            if sinks[d] is not None:
+                sinks[d].add(d_in @ x.t())
+            if sinks[2 + d] is not None:
+                sinks[2 + d].add(d_rec @ h.t())
+        ordered_values = [
+            grad_values[0],
+            grad_values[2],
+            grad_values[1],
+            grad_values[3],
+        ]  # ih, ih_r, hh, hh_r
+        ordered_biases = [grad_biases[0], grad_biases[2], grad_biases[1], grad_biases[3]]
+        return grad_x, *ordered_values, *ordered_biases, None, None, None, None
+
+
 class SparseBiGRU(SparseWeights):
     """The layers of a bidirectional, batch-first nn.GRU, with `weight_{ih,hh}_l{k}[_reverse]` compact
     (Parameters `<name>_values`) and `bias_{ih,hh}_l{k}[_reverse]` dense, named as in nn.GRU.
@@ -34,7 +138,9 @@ class SparseBiGRU(SparseWeights):
     test oracle; slow). `forward` takes what nn.GRU takes (a PackedSequence, or a (B, L, F) tensor of
     full-length sequences) with no initial state, and returns (output, h_n) as nn.GRU does."""
 
-    def __init__(self, gru: nn.GRU, kernels: object | None, masks: dict[str, Tensor] | None = None) -> None:
+    def __init__(
+        self, gru: nn.GRU, kernels: TrainKernels | None, masks: dict[str, Tensor] | None = None
+    ) -> None:
         super().__init__()
         if not (gru.bidirectional and gru.batch_first) or gru.mode != "GRU" or gru.proj_size or not gru.bias:
             raise ValueError("SparseBiGRU converts bidirectional, batch_first nn.GRU modules with bias only")
@@ -69,14 +175,49 @@ class SparseBiGRU(SparseWeights):
         if data.shape[-1] != self.input_size:
             raise ValueError(f"input has {data.shape[-1]} features, this GRU takes {self.input_size}")
         if self.kernels is not None:
-            raise NotImplementedError("compiled SparseBiGRU arrives with sparse_train.c")
-        output, finals = self._reference_layers(data, batch_sizes)
+            output, finals = self._compiled_layers(data, batch_sizes)
+        else:
+            output, finals = self._reference_layers(data, batch_sizes)
         h_n = torch.stack(finals)
         if isinstance(input, PackedSequence):
             if input.unsorted_indices is not None:
                 h_n = h_n.index_select(1, input.unsorted_indices)
             return PackedSequence(output, batch_sizes, input.sorted_indices, input.unsorted_indices), h_n
         return output.view(length, batch, -1).transpose(0, 1), h_n
+
+    def layer_arguments(self, layer: int) -> tuple[Any, ...]:
+        """What CompiledGRULayer takes after x and before (kernels, plan, layouts, sinks)."""
+        fwd, rev = direction_suffixes(layer)
+        names = [f"weight_ih{fwd}", f"weight_ih{rev}", f"weight_hh{fwd}", f"weight_hh{rev}"]
+        biases = [getattr(self, f"bias_{kind}{suffix}") for kind in ("ih", "hh") for suffix in (fwd, rev)]
+        layouts = tuple(self.layouts[name] for name in names)
+        sinks = tuple(self.sink(name) for name in names)
+        return *[self.values(name) for name in names], *biases, layouts, sinks
+
+    def forward_columns(self, x: Tensor, plan: ColumnPlan) -> list[Tensor]:
+        """Feature-major input (F, plan.columns) -> every layer's output (2H, plan.columns), forward
+        rows first, padding columns zero (compiled only; see ColumnPlan)."""
+        if self.kernels is None:
+            raise ValueError(
+                "forward_columns runs the compiled kernels; this GRU was built with kernels=None"
+            )
+        outputs = []
+        for layer in range(self.num_layers):
+            *weights, layouts, sinks = self.layer_arguments(layer)
+            x = CompiledGRULayer.apply(x, *weights, self.kernels, plan, layouts, sinks)
+            outputs.append(x)
+        return outputs
+
+    def _compiled_layers(self, data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, list[Tensor]]:
+        assert self.kernels is not None
+        plan = ColumnPlan.build(batch_sizes, self.kernels.lanes)
+        columns = data.new_zeros(plan.columns, data.shape[1]).index_copy(0, plan.index, data)
+        outputs = self.forward_columns(columns.t().contiguous(), plan)
+        H = self.hidden_size
+        finals = []
+        for out in outputs:
+            finals += [out[:H].index_select(1, plan.last).t(), out[H:].index_select(1, plan.first).t()]
+        return outputs[-1].t().index_select(0, plan.index), finals
 
     def _reference_layers(self, data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, list[Tensor]]:
         sizes = [int(b) for b in batch_sizes]
@@ -89,9 +230,11 @@ class SparseBiGRU(SparseWeights):
             outs = []
             for reverse, suffix in enumerate(direction_suffixes(layer)):
                 gi = reference.sparse_mm(
-                    x, self.values(f"weight_ih{suffix}"), self.layouts[f"weight_ih{suffix}"],
+                    x,
+                    self.values(f"weight_ih{suffix}"),
+                    self.layouts[f"weight_ih{suffix}"],
                     self.sink(f"weight_ih{suffix}"),
-                ) + getattr(self, f"bias_ih{suffix}")  # fmt: skip
+                ) + getattr(self, f"bias_ih{suffix}")
                 outs.append(self._reference_direction(gi, suffix, sizes, offsets, bool(reverse)))
             finals += [outs[0][last_row], outs[1][: sizes[0]]]
             x = torch.cat(outs, dim=1)

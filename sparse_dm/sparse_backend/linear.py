@@ -2,12 +2,64 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparse_dm.sparse_backend import reference
+from sparse_dm.sparse_backend.compiled import ALIGNMENT, TrainKernels
+from sparse_dm.sparse_backend.layout import SparseLayout
+from sparse_dm.sparse_backend.reference import DenseGrad
 from sparse_dm.sparse_backend.weights import SparseWeights
 from sparse_dm.sparsity.masks import MASK_SUFFIX
+
+
+def aligned(tensor: Tensor) -> Tensor:
+    """`tensor` itself when the kernels can read it in place, else a fresh contiguous float32 copy
+    (torch's CPU allocator returns 64-byte aligned memory)."""
+    if tensor.is_contiguous() and tensor.dtype == torch.float32 and tensor.data_ptr() % ALIGNMENT == 0:
+        return tensor
+    return tensor.contiguous().float().clone()
+
+
+class CompiledSparseLinear(torch.autograd.Function):
+    """y = W x + b on feature-major columns x (in, ld) -> (out, ld), W = (values, layout). Backward: grad_x
+    through the CSC walk of the same values, grad_values by the sampled product, the dense W gradient
+    only into a given `dense` sink. Gradients at padding columns of y must be zero (the bias sums them)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        values: Tensor,
+        bias: Tensor | None,
+        kernels: TrainKernels,
+        layout: SparseLayout,
+        dense: DenseGrad | None,
+    ) -> Tensor:
+        x = aligned(x)
+        y = x.new_empty(layout.shape[0], x.shape[1])
+        kernels.spmm(layout, values, x, y, bias=bias)
+        ctx.save_for_backward(x, values)
+        ctx.kernels, ctx.layout, ctx.dense, ctx.has_bias = kernels, layout, dense, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        x, values = ctx.saved_tensors
+        kernels, layout = ctx.kernels, ctx.layout
+        grad_y = aligned(grad_y)
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = kernels.spmm(layout, values, grad_y, x.new_empty(x.shape), transpose=True)
+        if ctx.needs_input_grad[1]:
+            grad_values = kernels.sddmm(layout, grad_y, x, values.new_empty(layout.nnz))
+        grad_bias = grad_y.sum(dim=1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if ctx.dense is not None:
+            ctx.dense.add(grad_y @ x.t())
+        return grad_x, grad_values, grad_bias, None, None, None
 
 
 class SparseLinear(SparseWeights):
@@ -17,7 +69,9 @@ class SparseLinear(SparseWeights):
     test oracle; slow). Set `dense_grad_requested` before the forward whose backward must also
     produce the dense weight gradient (`dense_grad("weight")`)."""
 
-    def __init__(self, weight: Tensor, mask: Tensor, bias: Tensor | None, kernels: object | None) -> None:
+    def __init__(
+        self, weight: Tensor, mask: Tensor, bias: Tensor | None, kernels: TrainKernels | None
+    ) -> None:
         super().__init__()
         if weight.dim() != 2:
             raise ValueError(f"SparseLinear needs a 2-D weight, got shape {tuple(weight.shape)}")
@@ -28,7 +82,7 @@ class SparseLinear(SparseWeights):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, kernels: object | None, mask: Tensor | None = None
+        cls, linear: nn.Linear, kernels: TrainKernels | None, mask: Tensor | None = None
     ) -> SparseLinear:
         """From a (masked) nn.Linear; `mask` defaults to its `weight_mask` buffer, else all active."""
         if mask is None:
@@ -42,9 +96,24 @@ class SparseLinear(SparseWeights):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
         if self.kernels is not None:
-            raise NotImplementedError("compiled SparseLinear arrives with sparse_train.c")
+            flat = x.reshape(-1, self.in_features)
+            rows = flat.shape[0]
+            columns = -(-rows // self.kernels.lanes) * self.kernels.lanes
+            x_fm = F.pad(flat.t(), (0, columns - rows))  # (in, columns): padding columns are zero
+            y = self.forward_columns(x_fm)[:, :rows].t()
+            return y.reshape(*x.shape[:-1], self.out_features)
         y = reference.sparse_mm(x, self.values("weight"), self.layouts["weight"], self.sink("weight"))
         return y if self.bias is None else y + self.bias
+
+    def forward_columns(self, x: Tensor) -> Tensor:
+        """Feature-major columns (in, ld) -> (out, ld), ld a multiple of `kernels.lanes` (compiled only):
+        no transposes, for a caller that keeps activations feature-major (e.g. on a GRU's output)."""
+        if self.kernels is None:
+            raise ValueError(
+                "forward_columns runs the compiled kernels; this layer was built with kernels=None"
+            )
+        values, layout = self.values("weight"), self.layouts["weight"]
+        return CompiledSparseLinear.apply(x, values, self.bias, self.kernels, layout, self.sink("weight"))
 
     def extra_repr(self) -> str:
         layout = self.layouts["weight"]

@@ -1,4 +1,4 @@
-"""The pure-torch reference of the sparse layers against masked dense float64 models (see oracle.py)."""
+"""Sparse layers (reference and compiled) against masked dense float64 models (tolerances: oracle.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from sparse_dm.sparse_backend import SparseBiGRU, SparseLayout, SparseLinear
+from tests.sparse_backend.kernels import IMPLS, kernels_for
 from tests.sparse_backend.oracle import exact_mask, float64_copy, masked_gru, pack, packed_batch, tolerance
 
 DENSITIES = [0.05, 0.3, 1.0]
@@ -24,24 +25,26 @@ def test_layout_round_trip_is_bit_exact(density: float) -> None:
     assert torch.equal(layout.mask(), mask)
     assert all(t.dtype == torch.int32 for t in (layout.crow, layout.col, layout.ccol, layout.csc_perm))
     # CSC through the permutation: column by column, rows ascending, the same values
-    csc = torch.sparse_csc_tensor(layout.ccol.long(), layout.csc_row.long(), values[layout.csc_perm.long()],
-                                  (37, 53)).to_dense()  # fmt: skip
+    csc = torch.sparse_csc_tensor(
+        layout.ccol.long(), layout.csc_row.long(), values[layout.csc_perm.long()], (37, 53)
+    ).to_dense()
     assert torch.equal(csc, dense)
 
 
-def linear_pair(density: float, seed: int) -> tuple[SparseLinear, nn.Linear]:
+def linear_pair(density: float, seed: int, impl: str = "reference") -> tuple[SparseLinear, nn.Linear]:
     torch.manual_seed(seed)
     linear = nn.Linear(70, 40)
     mask = exact_mask((40, 70), density, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         linear.weight.mul_(mask)
-    sparse = SparseLinear.from_linear(linear, kernels=None, mask=mask)
+    sparse = SparseLinear.from_linear(linear, kernels=kernels_for(impl), mask=mask)
     return sparse, linear.double()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("density", DENSITIES)
-def test_reference_linear_matches_masked_dense(density: float) -> None:
-    sparse, dense = linear_pair(density, seed=3)
+def test_linear_matches_masked_dense(impl: str, density: float) -> None:
+    sparse, dense = linear_pair(density, seed=3, impl=impl)
     x = torch.randn(2, 33, 70, dtype=torch.float64)
     x32 = x.float().requires_grad_()
     x64 = x.clone().requires_grad_()
@@ -59,16 +62,22 @@ def test_reference_linear_matches_masked_dense(density: float) -> None:
     torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=0, atol=tolerance(40, grad_scale))
     w_scale = float(upstream.abs().max() * x.abs().max() * 66)
     w_grad = dense.weight.grad
-    torch.testing.assert_close(sparse.weight_values.grad.double(), w_grad[mask], rtol=0,
-                               atol=tolerance(66, w_scale))  # fmt: skip
+    torch.testing.assert_close(
+        sparse.weight_values.grad.double(), w_grad[mask], rtol=0, atol=tolerance(66, w_scale)
+    )
     dense_grad = sparse.dense_grad("weight")
     torch.testing.assert_close(dense_grad.double(), w_grad, rtol=0, atol=tolerance(66, w_scale))
-    torch.testing.assert_close(sparse.bias.grad.double(), dense.bias.grad, rtol=0,
-                               atol=tolerance(66, float(upstream.abs().max()) * 66))  # fmt: skip
+    torch.testing.assert_close(
+        sparse.bias.grad.double(),
+        dense.bias.grad,
+        rtol=0,
+        atol=tolerance(66, float(upstream.abs().max()) * 66),
+    )
 
 
-def test_dense_grad_only_on_request() -> None:
-    sparse, _ = linear_pair(0.3, seed=4)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dense_grad_only_on_request(impl: str) -> None:
+    sparse, _ = linear_pair(0.3, seed=4, impl=impl)
     sparse(torch.randn(5, 70)).sum().backward()
     assert sparse.dense_grad("weight") is None
 
@@ -81,10 +90,11 @@ def run_gru(module: nn.Module, x, lengths):
     return output.data, h_n
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("density", DENSITIES)
-def test_reference_bigru_matches_masked_nn_gru(density: float) -> None:
+def test_bigru_matches_masked_nn_gru(impl: str, density: float) -> None:
     gru, masks = masked_gru(input_size=5, hidden=8, layers=2, density=density, seed=11)
-    sparse = SparseBiGRU(gru, kernels=None)
+    sparse = SparseBiGRU(gru, kernels=kernels_for(impl))
     oracle = float64_copy(gru)
     x32, lengths = packed_batch(GRU_LENGTHS, 5, seed=12, dtype=torch.float32)
     x64 = x32.detach().double().requires_grad_()
@@ -116,21 +126,100 @@ def check_gru(sparse, oracle, masks, got, want, steps: int, batch: int) -> None:
         grad_tol = tolerance(chain + columns, scale * max(1.0, float(param.grad.abs().max())))
         if name.startswith("weight"):
             mask = masks[name]
-            torch.testing.assert_close(sparse.values(name).grad.double(), param.grad[mask], rtol=0,
-                                       atol=grad_tol, msg=f"{name} values")  # fmt: skip
+            torch.testing.assert_close(
+                sparse.values(name).grad.double(),
+                param.grad[mask],
+                rtol=0,
+                atol=grad_tol,
+                msg=f"{name} values",
+            )
             dense = sparse.dense_grad(name)
             assert dense is not None, name
             torch.testing.assert_close(dense.double(), param.grad, rtol=0, atol=grad_tol, msg=f"{name} dense")
         else:
-            torch.testing.assert_close(getattr(sparse, name).grad.double(), param.grad, rtol=0, atol=grad_tol,
-                                       msg=name)  # fmt: skip
+            torch.testing.assert_close(
+                getattr(sparse, name).grad.double(), param.grad, rtol=0, atol=grad_tol, msg=name
+            )
 
 
-def test_reference_bigru_full_length_batch_first_tensor() -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bigru_full_length_batch_first_tensor(impl: str) -> None:
     gru, _ = masked_gru(input_size=4, hidden=6, layers=1, density=0.5, seed=21)
-    sparse = SparseBiGRU(gru, kernels=None)
+    sparse = SparseBiGRU(gru, kernels=kernels_for(impl))
     x = torch.randn(3, 5, 4)
     got, h_got = sparse(x)
     want, h_want = float64_copy(gru)(x.double())
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tolerance(5 * 11, 2.0 * 6))
     torch.testing.assert_close(h_got.double(), h_want, rtol=0, atol=tolerance(5 * 11, 2.0 * 6))
+
+
+@pytest.mark.parametrize("density", [0.05, 1.0])
+def test_compiled_bigru_at_the_chirodiff_shape(density: float) -> None:
+    """13 -> 96, 3 layers, KanjiVG-like lengths (up to 57 points, two of length 1): the default model."""
+    kernels = kernels_for("compiled")
+    generator = torch.Generator().manual_seed(5)
+    lengths = [57, 1, 1, *torch.randint(2, 58, (21,), generator=generator).tolist()]
+    gru, masks = masked_gru(input_size=13, hidden=96, layers=3, density=density, seed=7)
+    sparse, oracle = SparseBiGRU(gru, kernels=kernels), float64_copy(gru)
+    x32, lengths_t = packed_batch(lengths, 13, seed=8, dtype=torch.float32)
+    x64 = x32.detach().double().requires_grad_()
+    sparse.dense_grad_requested = True
+    out32, h32 = run_gru(sparse, x32, lengths_t)
+    out64, h64 = run_gru(oracle, x64, lengths_t)
+    up_out, up_h = torch.randn_like(out64), torch.randn_like(h64)
+    ((out32 * up_out.float()).sum() + (h32 * up_h.float()).sum()).backward()
+    ((out64 * up_out).sum() + (h64 * up_h).sum()).backward()
+    got, want = (out32, h32, x32.grad), (out64, h64, x64.grad)
+    check_gru(sparse, oracle, masks, got, want, max(lengths), len(lengths))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bigru_dense_grad_only_on_request_and_accumulates(impl: str) -> None:
+    gru, masks = masked_gru(input_size=5, hidden=8, layers=1, density=0.3, seed=31)
+    sparse = SparseBiGRU(gru, kernels=kernels_for(impl))
+    x, lengths = packed_batch([4, 2, 3], 5, seed=32, dtype=torch.float32)
+    run_gru(sparse, x, lengths)[0].sum().backward()
+    assert all(sparse.dense_grad(name) is None for name in sparse.weight_names)
+    sparse.zero_grad()
+    sparse.dense_grad_requested = True
+    for _ in range(2):
+        run_gru(sparse, x, lengths)[0].sum().backward()
+    columns = 2 * 9  # two passes over 9 packed columns: the same products, summed in another order
+    for name in sparse.weight_names:
+        dense, values = sparse.dense_grad(name), sparse.values(name).grad
+        bound = tolerance(columns, columns * float(dense.abs().max()))
+        torch.testing.assert_close(dense[masks[name]], values, rtol=0, atol=bound)
+    sparse.clear_dense_grads()
+    assert all(sparse.dense_grad(name) is None for name in sparse.weight_names)
+
+
+def test_set_layout_keeps_the_parameter_and_its_size() -> None:
+    gru, masks = masked_gru(input_size=5, hidden=8, layers=1, density=0.3, seed=41)
+    sparse = SparseBiGRU(gru, kernels=None)
+    name = "weight_hh_l0_reverse"
+    param = sparse.values(name)
+    new_mask = masks[name].flatten().roll(7).view_as(masks[name])  # same count, other positions
+    new_values = torch.arange(param.numel(), dtype=torch.float32)
+    sparse.set_layout(name, SparseLayout.from_mask(new_mask), new_values)
+    assert sparse.values(name) is param and torch.equal(param.detach(), new_values)
+    assert torch.equal(sparse.mask(name), new_mask)
+    assert torch.equal(sparse.dense_weight(name)[new_mask], new_values)
+    grown = new_mask.clone()
+    grown[~new_mask] = True  # every position: another nnz
+    with pytest.raises(ValueError, match="nnz"):
+        sparse.set_layout(name, SparseLayout.from_mask(grown), torch.zeros(grown.numel()))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bigru_refuses_an_initial_state(impl: str) -> None:
+    gru, _ = masked_gru(input_size=4, hidden=6, layers=1, density=0.5, seed=51)
+    with pytest.raises(ValueError, match="hx"):
+        SparseBiGRU(gru, kernels=kernels_for(impl))(torch.randn(2, 3, 4), torch.zeros(2, 2, 6))
+
+
+def test_linear_forward_columns_equals_row_major() -> None:
+    sparse, _ = linear_pair(0.3, seed=61, impl="compiled")
+    x = torch.randn(40, 70)
+    lanes = sparse.kernels.lanes
+    x_fm = torch.nn.functional.pad(x.t(), (0, -(-40 // lanes) * lanes - 40)).contiguous()
+    torch.testing.assert_close(sparse.forward_columns(x_fm)[:, :40].t(), sparse(x), rtol=0, atol=0)
