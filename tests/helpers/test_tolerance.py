@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from helpers.tolerance import (
+    SAMPLER_ROUNDINGS_PER_STEP,
+    PredictionScale,
     assert_close_computed,
     ddim_scale,
     float_bound,
@@ -140,39 +142,42 @@ def test_reductions_refuse_a_module_they_cannot_count():
         reductions(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), torch.randn(4, 3))
 
 
-OPS_PER_DDIM_STEP = 20  # float ops of one update on each element (x0, sigma, the new x, the noise)
-
-
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_scale_is_how_far_x0_moves_per_unit_of_eps_error(eta):
     """An eps_fn that ignores x (no Jacobian feedback) and errs by d at step k only: x_0 moves by
-    g_k d, and ddim_scale with S = 1 at that step alone is g_k. Both runs are float64; each rounds
-    OPS_PER_DDIM_STEP ops a step on values up to the largest x0 prediction (x / sqrt(a_bar))."""
+    g_k d, and ddim_scale with S = 1 at that step alone is g_k (two float64 runs, each rounding its
+    updates: PredictionScale)."""
     schedule = NoiseSchedule("linear", 1000, 1e-4, 2e-2).double()
     steps = ddim_timesteps(1000, 5)
     x_T = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    d, seen = 1e-3, []
+    d = 1e-3
 
     def eps_fn(x, t, erring=None):
-        seen.append(float(x.abs().max() / schedule.alpha_bar(t, x).sqrt().min()))
         return torch.full_like(x, 0.3) + (d if int(t[0]) == erring else 0.0)
 
-    plain = ddim_sample(eps_fn, x_T, schedule, 5, eta, torch.Generator().manual_seed(1))
+    tracked = PredictionScale(eps_fn, schedule)
+    plain = ddim_sample(tracked, x_T, schedule, 5, eta, torch.Generator().manual_seed(1))
     for k, step in enumerate(steps):
-        moved = ddim_sample(
-            lambda x, t, step=step: eps_fn(x, t, step),
-            x_T,
-            schedule,
-            5,
-            eta,
-            torch.Generator().manual_seed(1),
-        )
+        erring = PredictionScale(lambda x, t, step=step: eps_fn(x, t, step), schedule)
+        moved = ddim_sample(erring, x_T, schedule, 5, eta, torch.Generator().manual_seed(1))
         gain = ddim_scale(schedule, tuple(float(i == k) for i in range(len(steps))), 5, eta)
-        n = OPS_PER_DDIM_STEP * len(steps)
         assert_close_computed(
-            (moved - plain).abs(), torch.full_like(x_T, gain * d), reduction_length=n,
-            scale=max(seen) + gain * d, why="two float64 DDIM runs",
+            (moved - plain).abs(), torch.full_like(x_T, gain * d),
+            reduction_length=len(steps) * SAMPLER_ROUNDINGS_PER_STEP,
+            scale=max(tracked.largest, erring.largest) + gain * d, why="two float64 DDIM runs",
         )  # fmt: skip
     assert ddim_scale(schedule, (1.0,) * 5, 5, eta) > 1  # high-noise steps amplify
     with pytest.raises(ValueError, match="4 step scales for 5"):
         ddim_scale(schedule, (1.0,) * 4, 5, eta)
+
+
+def test_prediction_scale_records_the_largest_x0_prediction():
+    schedule = NoiseSchedule("linear", 100).double()
+    tracked = PredictionScale(lambda x, t: -x, schedule)
+    x, t = torch.tensor([[2.0, -1.0]], dtype=torch.float64), torch.tensor([99])
+    assert torch.equal(tracked(x, t), -x)
+    a_bar = float(schedule.alphas_cumprod[99])
+    by_hand = (2 + (1 - a_bar) ** 0.5 * 2) / a_bar**0.5
+    assert_close_computed(  # 6 float64 operations, here and in torch
+        torch.tensor(tracked.largest), torch.tensor(by_hand), reduction_length=6, scale=by_hand, why="6 ops"
+    )

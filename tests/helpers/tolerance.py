@@ -255,3 +255,26 @@ def sampling_bound(
         module.schedule, run.scales, cfg["steps"], cfg["eta"], cfg.get("discretization", "uniform")
     )
     return samples, max(run.lengths), scale
+
+
+# Roundings one sampler update makes on each element, counted in ddim_sample / ddpm_sample: the
+# x0 prediction (6), sigma (8), the new x (8), the noise term (2), with room for the gathers.
+SAMPLER_ROUNDINGS_PER_STEP = 30
+
+
+class PredictionScale:
+    """An eps_fn wrapper recording the largest x0 prediction magnitude, (|x| + sqrt(1 - a) |eps|) /
+    sqrt(a), that a sampler update rounds on. An update's relative error on it reaches x_0 with
+    gain sqrt(a_last / a_s) * sqrt(a_s) <= 1, so two samplers computing the same steps by other
+    formulas differ by at most float_bound(steps * SAMPLER_ROUNDINGS_PER_STEP, largest) - plus
+    the eps_fn's response to those differences (its Jacobian), not modelled."""
+
+    def __init__(self, eps_fn: Callable[[Tensor, Tensor], Tensor], schedule: NoiseSchedule) -> None:
+        self.eps_fn, self.schedule, self.largest = eps_fn, schedule, 0.0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        eps = self.eps_fn(x, t)
+        a_bar = self.schedule.alpha_bar(t, x)
+        prediction = (x.abs() + (1 - a_bar).sqrt() * eps.abs()) / a_bar.sqrt()
+        self.largest = max(self.largest, float(prediction.max()))
+        return eps
