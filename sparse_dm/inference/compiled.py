@@ -26,7 +26,6 @@ ARGTYPES = (
     ctypes.c_void_p,  # input weight crow (int32)
     ctypes.c_void_p,  # input weight col (int32)
     ctypes.c_void_p,  # input weight values (float32)
-    ctypes.c_void_p,  # gates_in: scratch (float32, 6H x Np)
     ctypes.c_int64,  # Np: padded columns
     ctypes.c_void_p,  # recurrent weight crow (int32)
     ctypes.c_void_p,  # recurrent weight col (int32)

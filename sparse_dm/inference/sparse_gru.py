@@ -213,10 +213,9 @@ class SparseBiGRU(nn.Module):
             "offsets": torch.tensor(columns.offsets, dtype=torch.int32),
             "active": torch.tensor(columns.active, dtype=torch.int32),
             "mirror": columns.mirror.to(torch.int32),
-            "gates_in": torch.empty(GATES * two_h, columns.num_columns),
             "outputs": outputs,
         }
-        if any(t.data_ptr() % ALIGNMENT for t in [work["gates_in"], *outputs]):
+        if any(t.data_ptr() % ALIGNMENT for t in outputs):
             raise RuntimeError(f"the compiled GRU recurrence needs {ALIGNMENT}-byte aligned buffers")
         return work
 
@@ -286,7 +285,7 @@ class SparseBiGRU(nn.Module):
             w_in, w_rec = self.compiled_weights[layer]
             status = self.recurrence.run(
                 self.hidden, len(columns.active), work["offsets"].data_ptr(), work["active"].data_ptr(),
-                paired.data_ptr(), *w_in.pointers(), work["gates_in"].data_ptr(), columns.num_columns,
+                paired.data_ptr(), *w_in.pointers(), columns.num_columns,
                 *w_rec.pointers(), out.data_ptr(), work["mirror"].data_ptr(), SHIFTED_ZERO, threads,
             )  # fmt: skip
             if status != 0:
