@@ -21,8 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm.inference.prepare import BACKENDS, prepare
 from sparse_dm.run.checks import check_choice
-from sparse_dm.run.load import load_module
-from sparse_dm.run.sdm import SUFFIX
+from sparse_dm.run.load import EXPORT_SUFFIXES, load_module
 from sparse_dm.training.modules.diffusion import SAMPLING_WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -54,14 +53,14 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.num_threads))
     inference_cfg = OmegaConf.to_container(cfg.inference, resolve=True)
     path = Path(cfg.ckpt_path)
+    if path.suffix in EXPORT_SUFFIXES and cfg.weights is not None:
+        raise ValueError(
+            f"invalid config: weights={cfg.weights} with an exported {path.suffix} file; allowed: null (the "
+            "file holds the weights it was exported with)"
+        )
     module, step = load_module(path, cfg.run_dir)
-    if path.suffix == SUFFIX:
+    if path.suffix in EXPORT_SUFFIXES:
         exported = "as exported"
-        if cfg.weights is not None:
-            raise ValueError(
-                f"invalid config: weights={cfg.weights} with an .sdm; allowed: null (the file holds the "
-                "weights it was exported with)"
-            )
         weights = "raw"  # the exported weights are the module's own
         out_dir = Path(cfg.out_dir) if cfg.out_dir else path.parent
     else:

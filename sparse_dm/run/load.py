@@ -9,10 +9,15 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sparse_dm.files.checkpoint import read_checkpoint
+from sparse_dm.files.safetensors_file import SUFFIX as SAFETENSORS_SUFFIX
+from sparse_dm.files.safetensors_file import read_safetensors
 from sparse_dm.run.build import build_run
 from sparse_dm.run.folder import load_run_config, run_dir_of
-from sparse_dm.run.sdm import SUFFIX, module_from_sdm, read_sdm
+from sparse_dm.run.sdm import SUFFIX as SDM_SUFFIX
+from sparse_dm.run.sdm import module_from_sdm, read_sdm
 from sparse_dm.training.modules.diffusion import DiffusionModule
+
+EXPORT_SUFFIXES = (SAFETENSORS_SUFFIX, SDM_SUFFIX)
 
 
 def module_from_lightning(
@@ -31,11 +36,12 @@ def module_from_lightning(
 
 
 def load_module(path: Path, run_dir: str | None = None) -> tuple[DiffusionModule, int | None]:
-    """A module ready to sample, from a `.ckpt` (Lightning, needs its run folder) or an `.sdm`."""
-    if path.suffix == SUFFIX:
+    """A module ready to sample, from a `.ckpt` (Lightning, needs its run folder) or an export
+    (`.safetensors`, or the earlier `.sdm`), which is self-contained."""
+    if path.suffix in EXPORT_SUFFIXES:
         if not path.is_file():
             raise FileNotFoundError(f"no exported model at {path}")
-        payload = read_sdm(path)
+        payload = read_safetensors(path) if path.suffix == SAFETENSORS_SUFFIX else read_sdm(path)
         return module_from_sdm(payload), payload["step"]
     module, _, step = module_from_lightning(path, run_dir)
     return module, step

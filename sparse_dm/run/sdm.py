@@ -97,8 +97,9 @@ def unpack_into(net: nn.Module, sparse: dict[str, Any], dense: dict[str, Tensor]
     net.load_state_dict(state, strict=True)
 
 
-def write_sdm(module: Any, model_cfg: dict[str, Any], weights: str, step: int | None, path: Path) -> Path:
-    """Save `module.net` (its EMA or raw weights) with the config that rebuilds the module."""
+def export_payload(module: Any, model_cfg: dict[str, Any], weights: str, step: int | None) -> dict[str, Any]:
+    """`module.net` (its EMA or raw weights) as an export payload, with the config that rebuilds the module;
+    written as `.safetensors` (sparse_dm.files.safetensors_file) or as a legacy `.sdm` (write_sdm)."""
     if weights not in SAMPLING_WEIGHTS:
         raise ValueError(f"weights must be one of {SAMPLING_WEIGHTS}, got {weights!r}")
     if weights == "ema":
@@ -110,18 +111,14 @@ def write_sdm(module: Any, model_cfg: dict[str, Any], weights: str, step: int | 
     length_pool = getattr(module, "length_pool", None)
     if length_pool is not None:
         extra["length_pool"] = length_pool.cpu().clone()
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": model_cfg,
-        "weights": weights,
-        "step": step,
-        "sparse": sparse,
-        "dense": dense,
-        "extra": extra,
-    }
+    return {"model": model_cfg, "weights": weights, "step": step, "sparse": sparse, "dense": dense,
+            "extra": extra}  # fmt: skip
+
+
+def write_sdm(payload: dict[str, Any], path: Path) -> Path:
+    """The payload as a plain `torch.save` file (the format before safetensors; still read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, path)
+    torch.save({"format": FORMAT, "version": VERSION, **payload}, path)
     return path
 
 

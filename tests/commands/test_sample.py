@@ -70,5 +70,5 @@ def test_bad_choices_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"inference.threshold_linear"):
         sample(sample_cfg(tmp_path, ckpt, **{"inference.threshold_linear": 2.0}))
     sdm = export(OmegaConf.create({"ckpt_path": str(ckpt), "run_dir": None, "out": None, "weights": "ema"}))
-    with pytest.raises(ValueError, match=r"weights=raw with an .sdm"):
+    with pytest.raises(ValueError, match=r"weights=raw with an exported \.safetensors file"):
         sample(sample_cfg(tmp_path, sdm, weights="raw"))

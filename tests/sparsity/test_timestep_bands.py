@@ -19,8 +19,7 @@ from sparse_dm.export import export
 from sparse_dm.models.chirodiff import ChiroDiffNet
 from sparse_dm.planning.cost import compute_cost
 from sparse_dm.run.checks import ConfigError, validate
-from sparse_dm.run.load import module_from_lightning
-from sparse_dm.run.sdm import module_from_sdm, read_sdm
+from sparse_dm.run.load import load_module, module_from_lightning
 from sparse_dm.sparsity.bands import (
     BAND_MASKS_SUFFIX,
     TimestepBands,
@@ -357,15 +356,16 @@ def test_banded_adaptive_run_reports_bands_and_bounded_prune_rates(straight_band
         assert not state[f"ema.{name.replace('.', '__')}"][~union].any(), f"EMA of {name} outside every band"
 
 
-def test_export_keeps_the_band_masks_and_their_routing(tmp_path, straight_banded):
+@pytest.mark.parametrize("suffix", [".safetensors", ".sdm"])
+def test_export_keeps_the_band_masks_and_their_routing(tmp_path, straight_banded, suffix):
     run_dir, _ = straight_banded
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     path = export(
         OmegaConf.create(
-            {"ckpt_path": str(ckpt), "run_dir": None, "out": str(tmp_path / "m.sdm"), "weights": "raw"}
+            {"ckpt_path": str(ckpt), "run_dir": None, "out": str(tmp_path / f"m{suffix}"), "weights": "raw"}
         )
     )
-    exported = module_from_sdm(read_sdm(path))
+    exported, _ = load_module(path)
     trained, _, _ = module_from_lightning(ckpt)
     pairs = zip(trained.timestep_bands.weights, exported.timestep_bands.weights, strict=True)
     assert all(torch.equal(band_masks(a), band_masks(b)) for a, b in pairs)
