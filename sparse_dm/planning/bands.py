@@ -5,6 +5,9 @@ training cost is the band costs weighted by the bands' shares of [0, T). Samplin
 sampler's actual timesteps (DDIM: `sampling.steps` of them, DDPM: all T), each with its band's
 mask: sampling FLOPs = sum over visited timesteps of that band's forward FLOPs. The single-mask
 sparsity with the same average sampling FLOPs is what a fair single-mask baseline uses.
+
+What memory and a checkpoint hold is another axis: the union of the band masks (`params_stored`). Before
+training it is the expected union of independently drawn band masks; a run measures it from its masks.
 """
 
 from __future__ import annotations
@@ -41,19 +44,37 @@ def sampler_timesteps(cfg: DictConfig) -> list[int]:
     return ddim_timesteps(num_timesteps, int(sampling.steps), sampling.get("discretization", "uniform"))
 
 
-def equal_flops_sparsity(
-    counts_at: Callable[[float], dict[str, int]], uses: Sequence[WeightUse], target_flops: float
-) -> float:
-    """The single-mask sparsity S whose forward FLOPs (layer counts `counts_at(S)`) equal
-    `target_flops`, by bisection (FLOPs fall monotonically as S grows)."""
+def matching_sparsity(measure: Callable[[float], float], target: float) -> float:
+    """The single-mask sparsity S with measure(S) == target, by bisection (measure falls as S grows)."""
     low, high = 0.0, 1.0
     for _ in range(BISECTION_STEPS):
         middle = (low + high) / 2
-        if forward_flops(list(uses), counts_at(middle)) > target_flops:
+        if measure(middle) > target:
             low = middle
         else:
             high = middle
     return (low + high) / 2
+
+
+def equal_flops_sparsity(
+    counts_at: Callable[[float], dict[str, int]], uses: Sequence[WeightUse], target_flops: float
+) -> float:
+    """The single-mask sparsity S whose forward FLOPs (layer counts `counts_at(S)`) equal `target_flops`."""
+    return matching_sparsity(lambda s: forward_flops(list(uses), counts_at(s)), target_flops)
+
+
+def equal_stored_sparsity(counts_at: Callable[[float], dict[str, int]], stored: int) -> float:
+    """The single-mask sparsity S that stores as many weights as the union of the band masks."""
+    return matching_sparsity(lambda s: sum(counts_at(s).values()), stored)
+
+
+def expected_union(numel: int, band_counts: Sequence[int]) -> int:
+    """Expected active count of the union of band masks drawn independently (uniform positions given each
+    band's count, as `random_band_masks` draws them): numel * (1 - prod_k (1 - n_k / numel))."""
+    missed = 1.0
+    for count in band_counts:
+        missed *= 1 - count / numel
+    return round(numel * (1 - missed))
 
 
 def banded_cost(
@@ -85,13 +106,17 @@ def banded_cost(
     for i, layer in enumerate(per_band[0]["layers"]):
         band_nnz = [c["layers"][i]["nnz"] for c in per_band]
         densest = max(band_nnz)
+        numel = numels[layer["name"]]
         layers.append(
-            {**layer, "nnz": densest, "density": densest / numels[layer["name"]], "band_nnz": band_nnz}
+            {**layer, "nnz": densest, "density": densest / numel, "band_nnz": band_nnz,
+             "stored_nnz": expected_union(numel, band_nnz)}
         )
     return {
         **per_band[0],
         "params_active": max(c["params_active"] for c in per_band),
         "params_active_bands": [c["params_active"] for c in per_band],
+        "params_stored": sum(layer["stored_nnz"] for layer in layers),
+        "params_stored_basis": "expected at initialisation (band masks drawn independently)",
         "flops_forward": sum(s * c["flops_forward"] for s, c in zip(shares, per_band, strict=True)),
         "flops_train": sum(s * c["flops_train"] for s, c in zip(shares, per_band, strict=True))
         if train_known
@@ -120,5 +145,8 @@ def banded_cost(
                 )
             ],
             "equal_sampling_flops_sparsity": equal,
+            "equal_stored_params_sparsity": equal_stored_sparsity(
+                counts_at, sum(layer["stored_nnz"] for layer in layers)
+            ),
         },
     }

@@ -19,7 +19,7 @@ from sparse_dm.planning.run_length import TrainingSetUnknown, train_steps
 from sparse_dm.sparsity import criteria
 from sparse_dm.sparsity.distributions import layer_counts
 from sparse_dm.sparsity.flops import cost_summary, measure_weight_uses
-from sparse_dm.sparsity.masks import find_prunable
+from sparse_dm.sparsity.masks import MASK_SUFFIX, find_prunable
 from sparse_dm.sparsity.schedule import UpdateSchedule
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,23 @@ def compute_cost(cfg: DictConfig, module: torch.nn.Module | None = None) -> dict
             cost_summary(net, uses, active_counts(cfg, net, s), **summary_args) for s in bands.sparsities
         ]
         cost = banded_cost(cfg, bands, per_band, uses, lambda s: active_counts(cfg, net, s))
+    if bands is None:
+        cost["params_stored"], cost["params_stored_basis"] = cost["params_active"], "one mask"
+    measured = stored_counts(net)
+    if measured is not None and bands is not None:
+        cost["params_stored"], cost["params_stored_basis"] = sum(measured.values()), "measured from the masks"
     planned = schedule.num_updates() if grow is not None else 0
     return {**cost, "mask_updates_planned": planned, "mask_updates_stop_step": stop if grow else None}
+
+
+def stored_counts(net: torch.nn.Module) -> dict[str, int] | None:
+    """Active positions of each `<param>_mask` (with timestep bands: the union of the band masks, what a
+    checkpoint and memory hold); None before masks exist (a dense run, or a net on the meta device)."""
+    masks = {name.removesuffix(MASK_SUFFIX): mask for name, mask in net.named_buffers()
+             if name.endswith(MASK_SUFFIX)}  # fmt: skip
+    if not masks or any(mask.is_meta for mask in masks.values()):
+        return None
+    return {name: int(mask.sum()) for name, mask in masks.items()}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -96,6 +111,7 @@ def format_table(cost: dict) -> str:
     lines.append("")
     for key in ("params_total", "params_prunable", "params_active"):
         lines.append(f"{key:<30} {cost[key]:>16,}")
+    lines.append(f"{'params_stored':<30} {cost['params_stored']:>16,}  ({cost['params_stored_basis']})")
     for key in (
         "flops_forward_dense",
         "flops_forward",
@@ -121,6 +137,10 @@ def format_table(cost: dict) -> str:
         lines.append(
             f"{'equal_sampling_flops_sparsity':<30} {bands['equal_sampling_flops_sparsity']:>16.4f}"
             "  (the single mask with the same average sampling FLOPs)"
+        )
+        lines.append(
+            f"{'equal_stored_params_sparsity':<30} {bands['equal_stored_params_sparsity']:>16.4f}"
+            "  (the single mask that stores as many weights as the union of the band masks)"
         )
     return "\n".join(lines)
 

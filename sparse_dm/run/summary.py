@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sparse_dm.planning.cost import stored_counts
 from sparse_dm.sparsity.engine import SparseEngine
 from sparse_dm.sparsity.masks import find_prunable
 
@@ -35,6 +36,13 @@ def layer_records(net: torch.nn.Module, engine: SparseEngine | None) -> list[dic
         }
         for w in find_prunable(net)
     ]
+
+
+def final_stored(net: torch.nn.Module) -> dict[str, Any]:
+    """params_stored at the end of the run, measured from the masks (band runs: their union)."""
+    counts = stored_counts(net)
+    return {} if counts is None else {"params_stored": sum(counts.values()),
+                                      "params_stored_basis": "measured from the masks"}  # fmt: skip
 
 
 def method_label(cfg: DictConfig) -> str:
@@ -70,6 +78,7 @@ def build_summary(
         "seed": int(cfg.seed),
         **{k: v for k, v in cost.items() if k != "layers"},
         "layers": layer_records(net, engine),
+        **final_stored(net),
         "mask_updates": engine.num_updates if engine else 0,
         "mask_updates_skipped": engine.skipped_updates if engine else 0,
         "exploration_rate": engine.exploration_rate() if engine else 1.0,

@@ -354,6 +354,9 @@ def test_banded_adaptive_run_reports_bands_and_bounded_prune_rates(straight_band
     for name, union in unions.items():
         assert torch.equal(union, state[f"net.{name}{BAND_MASKS_SUFFIX}"].any(0))
         assert not state[f"ema.{name.replace('.', '__')}"][~union].any(), f"EMA of {name} outside every band"
+    # what memory and the checkpoint hold: the union of the band masks, not the densest band
+    assert summary["params_stored"] == sum(int(union.sum()) for union in unions.values())
+    assert summary["params_stored"] > summary["params_active"]
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".sdm"])
