@@ -43,6 +43,7 @@ class ColumnPlan:
     index: Tensor  # (N,) int64
     last: Tensor  # (B,) int64: column of each (sorted) sequence's last step
     first: Tensor  # (B,) int64: column of its first step
+    batch_of: Tensor  # (columns,) int64: sorted sequence of each column, B for padding columns
 
     @classmethod
     def build(cls, batch_sizes: Tensor, lanes: int) -> ColumnPlan:
@@ -62,6 +63,9 @@ class ColumnPlan:
             index=offsets[step] + within,
             last=offsets[lengths - 1] + torch.arange(int(sizes[0])),
             first=torch.arange(int(sizes[0])),
+            batch_of=torch.full((int(width.sum()),), int(sizes[0])).index_copy(
+                0, offsets[step] + within, within
+            ),
         )
 
     def check(self, ld: int) -> None:
