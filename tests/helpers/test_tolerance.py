@@ -21,6 +21,7 @@ from torch import nn
 
 from sparse_dm.diffusion import NoiseSchedule, ddim_sample
 from sparse_dm.diffusion.samplers import ddim_timesteps
+from sparse_dm.models.ldm_unet import AttentionBlock
 
 F32 = torch.float32
 
@@ -135,6 +136,16 @@ def test_reductions_of_a_gru_count_every_step_of_every_layer_and_each_call():
     _, twice = reductions(gru, x, call=lambda x: (gru(x), gru(x[:, :4])))
     assert twice.lengths == (counted.lengths[0], 4 * counted.lengths[0] // 9)
     assert twice.length == sum(twice.lengths) and twice.longest == counted.lengths[0]
+
+
+def test_reductions_of_an_attention_block_count_what_sdpa_sums():
+    torch.manual_seed(0)
+    block = AttentionBlock(32, num_head_channels=16)
+    x = torch.randn(2, 32, 4, 4)
+    _, counted = reductions(block, x)
+    positions, group = 16, 32 // 32 * 16
+    norm, conv, sdpa = 2 * group + 2, 32 + 1, 16 + 2 * positions
+    assert counted.lengths == (norm + conv + sdpa + conv,)  # norm, qkv, attention, proj_out
 
 
 def test_reductions_refuse_a_module_they_cannot_count():

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from torch.nn.utils.rnn import PackedSequence
 from sparse_dm.diffusion import NoiseSchedule
 from sparse_dm.diffusion.samplers import ddim_previous, ddim_timesteps
 from sparse_dm.models.ldm_unet import AttentionBlock
+from sparse_dm.models.vq_autoencoder import AttnBlock
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -155,20 +157,36 @@ def _group_norm(module: nn.GroupNorm, x: Tensor, out: Tensor) -> tuple[int, floa
     return 2 * group + 2, float(out.abs().max())
 
 
-def _attention(module: AttentionBlock, x: Tensor, _out: Tensor) -> tuple[int, float]:
-    """Inside scaled_dot_product_attention (not a module): q.k over d channels, the softmax sum and
-    the weighted sum of v over n positions. A logit error shifts the weights relatively, so the
-    output error scales with max|v| times the logits' sum of |terms| (>= 1 keeps v's own sum).
-    q, k, v are recomputed functionally, so the norm's and qkv's own hooks count once."""
+def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, float]:
+    """scaled_dot_product_attention of (batch, positions, d) q, k, v (a function, not a module): q.k
+    over d channels, the softmax sum and the weighted sum of v over the positions. A logit error
+    shifts the weights relatively, so the output error scales with max|v| times the logits' sum of
+    |terms| (at least 1: v's own weighted sum)."""
+    logits = (q.abs() @ k.abs().transpose(1, 2)) / math.sqrt(q.shape[-1])
+    return q.shape[-1] + 2 * k.shape[1], float(v.abs().max()) * max(1.0, float(logits.max()))
+
+
+def _norm_then_conv(norm: nn.GroupNorm, convs: list[nn.Conv1d | nn.Conv2d], x: Tensor) -> list[Tensor]:
+    """The attention inputs recomputed functionally, so the norm's and convs' own hooks count once."""
+    normed = nn.functional.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return [c._conv_forward(normed, c.weight, c.bias) for c in convs]
+
+
+def _unet_attention(module: AttentionBlock, x: Tensor, _out: Tensor) -> tuple[int, float]:
+    """The LDM UNet's block: qkv channels per head ordered [q | k | v] (its legacy order)."""
     batch, channels = x.shape[:2]
-    flat = x.reshape(batch, channels, -1)
-    norm, qkv_conv = module.norm, module.qkv
-    normed = nn.functional.group_norm(flat, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    qkv = nn.functional.conv1d(normed, qkv_conv.weight, qkv_conv.bias)
+    (qkv,) = _norm_then_conv(module.norm, [module.qkv], x.reshape(batch, channels, -1))
     head = channels // module.num_heads
-    q, k, v = qkv.reshape(batch * module.num_heads, 3, head, flat.shape[-1]).unbind(1)
-    logits = (q.abs().transpose(1, 2) @ k.abs()) / math.sqrt(head)
-    return head + 2 * flat.shape[-1], float(v.abs().max()) * max(1.0, float(logits.max()))
+    q, k, v = qkv.reshape(batch * module.num_heads, 3, head, -1).transpose(2, 3).unbind(1)
+    return _sdpa(q, k, v)
+
+
+def _vq_attention(module: AttnBlock, x: Tensor, _out: Tensor) -> tuple[int, float]:
+    """The first stage's single-head block with separate q, k, v convs."""
+    q, k, v = (
+        t.flatten(2).transpose(1, 2) for t in _norm_then_conv(module.norm, [module.q, module.k, module.v], x)
+    )
+    return _sdpa(q, k, v)
 
 
 COUNTERS: dict[type, Callable[[Any, Any, Any], tuple[int, float]]] = {
@@ -177,7 +195,8 @@ COUNTERS: dict[type, Callable[[Any, Any, Any], tuple[int, float]]] = {
     nn.Conv2d: _conv,
     nn.GRU: _gru,
     nn.GroupNorm: _group_norm,
-    AttentionBlock: _attention,
+    AttentionBlock: _unet_attention,
+    AttnBlock: _vq_attention,
 }
 NO_REDUCTION = (nn.Embedding, nn.Dropout, nn.Identity, nn.Flatten, nn.ReLU, nn.SiLU, nn.Upsample)
 
@@ -193,13 +212,20 @@ def reductions(
     chain. A module with parameters and no known count is refused: a silent zero would shrink the
     bound.
     """
-    calls: list[list[tuple[int, float]]] = []
+    calls: list[list[tuple[int, float]]] = []  # a call that never enters net.__call__ (vq.decode): one
+
+    def count(
+        counter: Callable[[Any, Any, Any], tuple[int, float]], module: nn.Module, a: Any, out: Any
+    ) -> None:
+        if not calls:
+            calls.append([])
+        calls[-1].append(counter(module, a[0], out))
+
     handles = [net.register_forward_pre_hook(lambda _m, _a: calls.append([]))]
     for module in net.modules():
         counter = COUNTERS.get(type(module))
         if counter is not None:
-            hook = lambda m, a, out, c=counter: calls[-1].append(c(m, a[0], out))  # noqa: E731
-            handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_hook(partial(count, counter)))
         elif not isinstance(module, NO_REDUCTION) and next(module.parameters(False), None) is not None:
             raise TypeError(f"no reduction count for {type(module).__name__}: add one to COUNTERS")
     try:
@@ -278,3 +304,11 @@ class PredictionScale:
         prediction = (x.abs() + (1 - a_bar).sqrt() * eps.abs()) / a_bar.sqrt()
         self.largest = max(self.largest, float(prediction.max()))
         return eps
+
+
+def mse_bound(loss: float, elements: int, net: Reductions) -> tuple[int, float]:
+    """(reduction_length, scale) for a (masked, per-sample) MSE of a net's output computed in two
+    orders: the loss's own sums over `elements` terms, all >= 0 (so their sum of |terms| is the
+    loss), plus the net's output error d <= 2 gamma_n S carried by the loss's derivative, whose
+    mean 2 |pred - target| is at most 2 sqrt(loss) (Jensen)."""
+    return net.longest + elements, loss + 2 * math.sqrt(loss) * net.scale

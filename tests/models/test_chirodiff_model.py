@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.tolerance import assert_close_computed, reductions
 
 from sparse_dm.diffusion import masked_mse
 from sparse_dm.models.chirodiff import ChiroDiffNet
@@ -35,12 +36,12 @@ def test_time_embedding_is_a_fixed_seeded_buffer() -> None:
     a = ChiroDiffNet(16, 1)
     torch.manual_seed(2)
     b = ChiroDiffNet(16, 1)
-    torch.testing.assert_close(a.time_embed.freqs, b.time_embed.freqs)
+    torch.testing.assert_close(a.time_embed.freqs, b.time_embed.freqs, rtol=0, atol=0)  # one seed: bit-exact
     assert "time_embed.freqs" in a.state_dict()
     assert all("freqs" not in n for n, _ in a.named_parameters())
     emb = a.time_embed(torch.tensor([0, 500, 999]))
     assert emb.shape == (3, 8)
-    torch.testing.assert_close(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    torch.testing.assert_close(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4), rtol=0, atol=0)  # sin 0, cos 0
 
 
 def padded_batch(lengths: list[int], pad_value: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,15 +59,18 @@ def test_padding_never_changes_real_outputs_or_loss() -> None:
     x_zero, lens, mask = padded_batch(lengths, 0.0)
     x_junk, _, _ = padded_batch(lengths, 1e3)
     out_zero, out_junk = net(x_zero, t, lens), net(x_junk, t, lens)
-    torch.testing.assert_close(out_zero[mask], out_junk[mask])
-    for i, n in enumerate(lengths):  # each drawing alone, without any padding
-        alone = net(x_zero[i : i + 1, :n], t[i : i + 1], torch.tensor([n]))
-        torch.testing.assert_close(out_zero[i, :n], alone[0], rtol=1e-5, atol=1e-6)
+    # same shapes, same kernels, and packing keeps padding out of every real row's sums: bit-exact
+    torch.testing.assert_close(out_zero[mask], out_junk[mask], rtol=0, atol=0)
+    for i, n in enumerate(lengths):  # each drawing alone, without any padding: other GEMM shapes
+        alone, chain = reductions(net, x_zero[i : i + 1, :n], t[i : i + 1], torch.tensor([n]))
+        assert_close_computed(
+            out_zero[i, :n], alone[0], reduction_length=chain.length, scale=chain.scale, why="batch vs alone"
+        )
     target = torch.randn_like(x_zero)
     target_junk = target.clone()
     target_junk[~mask] = -7.0
     loss = masked_mse(out_zero, target, mask[..., None])
-    torch.testing.assert_close(loss, masked_mse(out_junk, target_junk, mask[..., None]))
+    torch.testing.assert_close(loss, masked_mse(out_junk, target_junk, mask[..., None]), rtol=0, atol=0)
 
 
 def test_gradients_ignore_padding() -> None:
@@ -82,7 +86,10 @@ def test_no_lengths_means_full_sequences() -> None:
     net = ChiroDiffNet(hidden_size=8, num_layers=1)
     x = torch.randn(2, 5, 3)
     t = torch.tensor([3, 9])
-    torch.testing.assert_close(net(x, t), net(x, t, torch.tensor([5, 5])))
+    expected, chain = reductions(net, x, t, torch.tensor([5, 5]))
+    assert_close_computed(  # padded and packed input: two nn.GRU code paths
+        net(x, t), expected, reduction_length=chain.length, scale=chain.scale, why="padded vs packed"
+    )
 
 
 def test_class_conditioning() -> None:
@@ -90,7 +97,7 @@ def test_class_conditioning() -> None:
     assert net.gru.input_size == 13 + 4 and net.out.in_features == 8 + 8 + 4
     x, t = torch.randn(2, 5, 3), torch.tensor([3, 3])
     out_a, out_b = net(x, t, cond=torch.tensor([0, 0])), net(x, t, cond=torch.tensor([0, 6]))
-    torch.testing.assert_close(out_a[0], out_b[0])
+    torch.testing.assert_close(out_a[0], out_b[0], rtol=0, atol=0)  # same row, same kernels: bit-exact
     assert not torch.allclose(out_a[1], out_b[1])
     with pytest.raises(ValueError, match="class-conditional"):
         net(x, t)

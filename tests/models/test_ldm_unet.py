@@ -4,6 +4,7 @@
 import pytest
 import torch
 from helpers.tiny_unet import tiny_unet
+from helpers.tolerance import assert_close_computed, reductions
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -88,8 +89,14 @@ def test_unconditional_rejects_labels_and_batch_independence():
     x, t = torch.randn(3, 3, 16, 16), torch.tensor([1, 2, 3])
     with pytest.raises(ValueError, match="unconditional"):
         net(x, t, torch.zeros(3, dtype=torch.long))
+    # batch 3 vs 1: other GEMM/conv blockings. In float64 the worst case over this ~2e4-term chain
+    # (n u ~ 2e-12) is tight; in float32 (n u ~ 1e-3) it would let a batch mix-up pass
+    net, x = net.double(), x.double()
     full = net(x, t)
-    torch.testing.assert_close(full[1:2], net(x[1:2], t[1:2]), rtol=1e-4, atol=1e-5)
+    alone, chain = reductions(net, x[1:2], t[1:2])
+    assert_close_computed(
+        full[1:2], alone, reduction_length=chain.length, scale=chain.scale, why="batch vs alone"
+    )
 
 
 def test_compvis_unet_state_loads_and_cin_models_are_refused_clearly():

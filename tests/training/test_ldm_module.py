@@ -6,6 +6,12 @@ import lightning as L
 import pytest
 import torch
 from helpers.tiny_unet import tiny_unet
+from helpers.tolerance import (
+    SAMPLER_ROUNDINGS_PER_STEP,
+    PredictionScale,
+    assert_close_computed,
+    reductions,
+)
 from torch.utils.data import DataLoader
 
 from sparse_dm.data.images import TensorImageDataset
@@ -51,22 +57,34 @@ def test_guidance_scale_one_equals_conditional_model():
     plain = module.sample_with(lambda x, t: module.net(x, t, labels), x_T, None)
     torch.testing.assert_close(guided, plain.clamp(-1, 1), rtol=0, atol=0)
     # the mixing formula itself: scale 1 reduces to the conditional prediction
-    x, t = torch.randn(4, 3, 8, 8), torch.full((4,), 500)
-    eps_c, eps_u = module.net(x, t, labels), module.net(x, t, torch.full_like(labels, module.net.null_label))
-    torch.testing.assert_close(module.guided_eps_fn(labels, 3.0)(x, t), eps_u + 3.0 * (eps_c - eps_u))
-    torch.testing.assert_close(module.guided_eps_fn(labels, 1.0)(x, t), eps_c)
+    # In float64: the UNet chain is ~1.5e4 terms, whose float32 worst case (n u ~ 1e-3) would let a
+    # wrong mix pass; in float64 it is tight (n u ~ 2e-12).
+    module.double()
+    x, t = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.full((4,), 500)
+    null = torch.full_like(labels, module.net.null_label)
+    both = lambda: (module.net(x, t, labels), module.net(x, t, null))  # noqa: E731
+    (eps_c, eps_u), chain = reductions(module.net, call=both)
+    guided = module.guided_eps_fn(labels, 3.0)(x, t)
+    assert_close_computed(  # one batch of 8 there, two of 4 here (other blockings); the mix 3 eps_c - 2 eps_u
+        guided, eps_u + 3.0 * (eps_c - eps_u), reduction_length=chain.longest + 3,  # has gain 5, 3 ops
+        scale=5 * chain.scale, why="guidance batch vs two batches",
+    )  # fmt: skip
+    same_call = module.guided_eps_fn(labels, 1.0)(x, t)
+    torch.testing.assert_close(same_call, eps_c, rtol=0, atol=0)  # the very call eps_c made: bit-exact
 
 
 def test_ddim_full_schedule_eta_one_is_ddpm():
     """With every timestep and eta = 1, DDIM's update is DDPM's ancestral step (same noise draws)."""
     module = make_module(num_timesteps=20)
-    eps_fn = module.guided_eps_fn(None, 1.0)
+    eps_fn = PredictionScale(module.guided_eps_fn(None, 1.0), module.schedule)
     x_T = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     ddpm = ddpm_sample(eps_fn, x_T, module.schedule, generator=torch.Generator().manual_seed(5))
     ddim = ddim_sample(
         eps_fn, x_T, module.schedule, num_steps=20, eta=1.0, generator=torch.Generator().manual_seed(5)
     )
-    torch.testing.assert_close(ddim, ddpm, rtol=1e-4, atol=1e-4)
+    assert_close_computed(  # the same 20 steps by two formulas (the net's response to them: second order)
+        ddim, ddpm, reduction_length=20 * SAMPLER_ROUNDINGS_PER_STEP, scale=eps_fn.largest, why="DDIM vs DDPM"
+    )
     det = [ddim_sample(eps_fn, x_T, module.schedule, num_steps=5, eta=0.0) for _ in range(2)]
     torch.testing.assert_close(det[0], det[1], rtol=0, atol=0)
 
@@ -97,7 +115,7 @@ def test_vq_first_stage_frozen_outside_net_and_optimizer(tmp_path):
     assert optimised == {id(p) for p in module.net.parameters()}
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     batch = module.prepare_batch({"image": images})
-    torch.testing.assert_close(batch.x0, vq.encode(images).detach())
+    torch.testing.assert_close(batch.x0, vq.encode(images).detach(), rtol=0, atol=0)  # same weights, kernels
     cached = module.prepare_batch({"latent": batch.x0})
     assert cached.x0 is batch.x0 and cached.cond is None
     samples = module.generate(2, torch.Generator().manual_seed(0))
