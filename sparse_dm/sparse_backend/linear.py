@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from sparse_dm.sparse_backend import reference
 from sparse_dm.sparse_backend.compiled import ALIGNMENT, TrainKernels
@@ -47,6 +48,7 @@ class CompiledSparseLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, values = ctx.saved_tensors
         kernels, layout = ctx.kernels, ctx.layout

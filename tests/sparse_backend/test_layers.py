@@ -223,3 +223,24 @@ def test_linear_forward_columns_equals_row_major() -> None:
     lanes = sparse.kernels.lanes
     x_fm = torch.nn.functional.pad(x.t(), (0, -(-40 // lanes) * lanes - 40)).contiguous()
     torch.testing.assert_close(sparse.forward_columns(x_fm)[:, :40].t(), sparse(x), rtol=0, atol=0)
+
+
+def test_pooled_buffers_two_graphs_and_a_refused_second_backward() -> None:
+    """Two forwards before their backwards (gradient accumulation) each keep their own saved state; a
+    second backward through one graph is refused, not run on buffers another step may have reused."""
+    gru, _ = masked_gru(input_size=5, hidden=8, layers=2, density=0.4, seed=71)
+    sparse, oracle = SparseBiGRU(gru, kernels=kernels_for("compiled")), float64_copy(gru)
+    batches = [packed_batch(lengths, 5, seed=72 + i, dtype=torch.float32) for i, lengths in
+               enumerate(([5, 3, 1], [4, 4, 2, 1]))]  # fmt: skip
+    outputs = [run_gru(sparse, x, lengths)[0] for x, lengths in batches]
+    sum(out.sum() for out in outputs).backward()
+    for x, lengths in batches:
+        run_gru(oracle, x.detach().double(), lengths)[0].sum().backward()
+    for name in sparse.weight_names:
+        want = oracle.get_parameter(name).grad[sparse.mask(name)]
+        bound = tolerance(2 * 5 * 25 * 2 + 16, 8 * max(1.0, float(want.abs().max())))
+        torch.testing.assert_close(sparse.values(name).grad.double(), want, rtol=0, atol=bound, msg=name)
+    out = run_gru(sparse, *batches[0])[0].sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        out.backward()
