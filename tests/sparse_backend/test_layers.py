@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_dm.sparse_backend import SparseBiGRU, SparseLayout, SparseLinear
+from sparse_dm.sparse_backend import ColumnPlan, SparseBiGRU, SparseLayout, SparseLinear
 from tests.sparse_backend.kernels import IMPLS, kernels_for
 from tests.sparse_backend.oracle import exact_mask, float64_copy, masked_gru, pack, packed_batch, tolerance
 
@@ -244,3 +244,18 @@ def test_pooled_buffers_two_graphs_and_a_refused_second_backward() -> None:
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):
         out.backward()
+
+
+def test_forward_columns_leaves_padding_columns_zero() -> None:
+    """A consumer of forward_columns may reduce over every column (a bias gradient does): padding stays 0."""
+    gru, _ = masked_gru(input_size=5, hidden=8, layers=2, density=0.5, seed=81)
+    sparse = SparseBiGRU(gru, kernels=kernels_for("compiled"))
+    x, lengths = packed_batch([6, 3, 3, 1, 2], 5, seed=82, dtype=torch.float32)
+    packed = pack(x, lengths)
+    plan = ColumnPlan.build(packed.batch_sizes, sparse.kernels.lanes)
+    columns = torch.zeros(plan.columns, 5).index_copy(0, plan.index, packed.data.detach()).t().contiguous()
+    padding = torch.ones(plan.columns, dtype=torch.bool)
+    padding[plan.index] = False
+    assert padding.any()
+    for out in sparse.forward_columns(columns, plan):
+        assert torch.count_nonzero(out[:, padding]) == 0
