@@ -17,8 +17,8 @@ STDLIB = sys.stdlib_module_names
 # imports a command. A new package must be placed here, or the test below fails.
 LAYERS = (
     ("files", "kernels", "sketch", "diffusion", "sparsity"),
-    ("models", "data", "sparse_backend"),
-    ("metrics",),
+    ("models", "data"),
+    ("metrics", "sparse_backend"),
     ("training",),
     ("inference",),
     ("planning",),

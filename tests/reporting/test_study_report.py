@@ -347,7 +347,7 @@ def test_sweep_command_and_wall_time(tmp_path):
 
 
 def test_sample_figure_shows_seed0_final_grid_per_arm_at_grid_sparsity(tmp_path, monkeypatch):
-    from sparse_dm.metrics import study_report
+    from sparse_dm.reporting import study_report
 
     drawn = {}
     monkeypatch.setattr(study_report, "plot_sample_grids", lambda panels, path: drawn.update(panels) or path)
