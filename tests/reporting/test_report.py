@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
-from sparse_dm.reporting import plots
 from sparse_dm.report import make_report, report
+from sparse_dm.reporting import plots
 from sparse_dm.reporting.tables import METRICS
 from sparse_dm.run.summary import merge_results
 
