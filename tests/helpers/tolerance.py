@@ -41,6 +41,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from sparse_dm.diffusion import NoiseSchedule
 from sparse_dm.diffusion.samplers import ddim_previous, ddim_timesteps
+from sparse_dm.models.chirodiff import FourierTimeEmbedding
 from sparse_dm.models.ldm_unet import AttentionBlock
 from sparse_dm.models.vq_autoencoder import AttnBlock
 
@@ -151,6 +152,19 @@ def _gru(module: nn.GRU, x: Tensor | PackedSequence, _out: Any) -> tuple[int, fl
     return length, scale
 
 
+def _fourier(module: FourierTimeEmbedding, t: Tensor, out: Tensor) -> tuple[int, float]:
+    """2 pi s t / T times each frequency: four roundings, then sin/cos, whose error is that of the
+    angle (|sin'| <= 1): an error relative to the largest angle."""
+    phase = 2 * math.pi * module.freq_scale * (t.to(module.freqs.dtype)[:, None] / module.num_timesteps)
+    return 4, float((phase @ module.freqs.T.abs()).abs().max())
+
+
+def _average_pool(module: nn.AdaptiveAvgPool2d, x: Tensor, out: Tensor) -> tuple[int, float]:
+    """A mean over each window (the division adds one rounding); its terms |x| / window add up to
+    at most max|x|."""
+    return x[0, 0].numel() // out[0, 0].numel() + 1, float(x.abs().max())
+
+
 def _group_norm(module: nn.GroupNorm, x: Tensor, out: Tensor) -> tuple[int, float]:
     """Mean then variance over a group (two chained sums); the relative error lands on the output."""
     group = x[0].numel() // module.num_groups
@@ -195,10 +209,16 @@ COUNTERS: dict[type, Callable[[Any, Any, Any], tuple[int, float]]] = {
     nn.Conv2d: _conv,
     nn.GRU: _gru,
     nn.GroupNorm: _group_norm,
+    nn.AdaptiveAvgPool2d: _average_pool,
+    FourierTimeEmbedding: _fourier,
     AttentionBlock: _unet_attention,
     AttnBlock: _vq_attention,
 }
-NO_REDUCTION = (nn.Embedding, nn.Dropout, nn.Identity, nn.Flatten, nn.ReLU, nn.SiLU, nn.Upsample)
+# Leaf modules that sum nothing: lookups, reshapes, elementwise maps (one rounding each, on values
+# every reduction after them already counts).
+NO_REDUCTION = (
+    nn.Embedding, nn.Dropout, nn.Identity, nn.Flatten, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Upsample,
+)  # fmt: skip
 
 
 @torch.no_grad()
@@ -209,8 +229,9 @@ def reductions(
     modules per call of `net` (a sampling run: one per step).
 
     Every module call counts, parallel branches included, so a length over-counts the longest
-    chain. A module with parameters and no known count is refused: a silent zero would shrink the
-    bound.
+    chain. A leaf module, or one with weights of its own, without a known count is refused: a silent
+    zero would shrink the bound. Functional reductions inside a container (attention) are counted by
+    that container's entry in COUNTERS.
     """
     calls: list[list[tuple[int, float]]] = []  # a call that never enters net.__call__ (vq.decode): one
 
@@ -226,7 +247,9 @@ def reductions(
         counter = COUNTERS.get(type(module))
         if counter is not None:
             handles.append(module.register_forward_hook(partial(count, counter)))
-        elif not isinstance(module, NO_REDUCTION) and next(module.parameters(False), None) is not None:
+        elif not isinstance(module, (*NO_REDUCTION, nn.ModuleList, nn.ModuleDict, nn.Sequential)) and (
+            next(module.parameters(False), None) is not None or next(module.children(), None) is None
+        ):  # a leaf we do not know, or a container with weights of its own: a silent 0 would shrink the bound
             raise TypeError(f"no reduction count for {type(module).__name__}: add one to COUNTERS")
     try:
         output = (call or net)(*args, **kwargs)

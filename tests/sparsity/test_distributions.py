@@ -3,10 +3,12 @@
 import math
 
 import pytest
+import torch
+from helpers.tolerance import float_bound
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_dm.sparsity.distributions import layer_counts, layer_densities
+from sparse_dm.sparsity.distributions import CAP_TOLERANCE, layer_counts, layer_densities
 
 shapes_2d = st.tuples(st.integers(1, 64), st.integers(1, 64))
 shapes_4d = st.tuples(
@@ -30,10 +32,12 @@ def test_counts_are_exact_and_bounded(shapes, sparsity, kind):
 def test_densities_hit_target_and_never_exceed_one(shapes, sparsity, kind):
     densities = layer_densities(shapes, sparsity, kind)
     numels = [math.prod(s) for s in shapes]
-    assert max(densities) <= 1.0 + 1e-12
-    assert sum(d * n for d, n in zip(densities, numels, strict=True)) == pytest.approx(
-        (1 - sparsity) * sum(numels)
-    )
+    assert max(densities) <= 1.0  # min(1, ...) caps exactly
+    # a layer within CAP_TOLERANCE above 1 is clipped (losing at most that share of it); the rest is
+    # float64 rounding of a few operations per layer
+    slack = CAP_TOLERANCE * sum(numels) + float_bound(4 * len(shapes) + 4, sum(numels), torch.float64)
+    total = sum(d * n for d, n in zip(densities, numels, strict=True))
+    assert abs(total - (1 - sparsity) * sum(numels)) <= slack
 
 
 def test_erk_caps_small_layers_dense_and_rescales_the_rest():
