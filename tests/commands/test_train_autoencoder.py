@@ -6,8 +6,8 @@ import csv
 import subprocess
 import sys
 
-import pytest
 import torch
+from helpers.tolerance import assert_close_computed, mse_bound, reductions
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -52,10 +52,14 @@ def test_train_autoencoder_trains_and_exports_a_loadable_first_stage(tmp_path):
     datamodule.setup("fit")
     images = next(iter(datamodule.val_dataloader()))["image"]
     with torch.no_grad():
-        rec, _ = vq(images)
+        (rec, _), chain = reductions(vq, images)
     assert torch.isfinite(rec).all()
     # the exported weights are the trained ones: they reproduce the run's own validation loss
-    assert torch.nn.functional.mse_loss(rec, images).item() == pytest.approx(logged_val, abs=1e-5)
+    # (the run computed it on 1 thread, this process on 2: other blockings; the straight-through
+    # z + (zq - z) adds 2 roundings to the chain)
+    loss = torch.nn.functional.mse_loss(rec, images)
+    n, scale = mse_bound(float(loss), images.numel(), chain)
+    assert_close_computed(loss, torch.tensor(logged_val), reduction_length=n + 2, scale=scale, why="val/rec")
 
     with Image.open(out / "reconstructions.png") as grid:  # originals above reconstructions
         tile = cfg.dataset.resolution + GRID_PADDING
