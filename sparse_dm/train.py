@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from sparse_dm.planning import disk as preflight
 from sparse_dm.planning.cost import compute_cost
 from sparse_dm.run import checks as config
-from sparse_dm.run.build import build_run
+from sparse_dm.run.build import attach_backend, build_run
 from sparse_dm.run.start import RunPreempted, checkpoint_records, refuse_implicit_resume, resolve_start
-from sparse_dm.run.summary import build_summary, sketch_stats_entry, write_summary
+from sparse_dm.run.summary import backend_entry, build_summary, sketch_stats_entry, write_summary
 from sparse_dm.training.callbacks.dst import DSTCallback
 from sparse_dm.training.callbacks.fidelity import FidelityCallback
 from sparse_dm.training.callbacks.nonfinite_guard import NonFiniteLossGuard, check_final_metric
@@ -75,6 +75,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         init_from_checkpoint(module, engine, init)
     cost = compute_cost(cfg, module)
     preflight.check_disk_space(cfg, module, output_dir)  # refuse before fit if checkpoints cannot fit
+    attach_backend(cfg, module, engine)  # backend=sparse: compact layers (stops here without a compiler)
     if rank_zero_only.rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -133,6 +134,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     summary["steps_completed"] = int(trainer.global_step)  # < train_steps if trainer.max_time stopped it
     summary.update(sketch_stats_entry(module))
+    optimizer = trainer.optimizers[0] if trainer.optimizers else None
+    summary.update(backend_entry(module, optimizer, summary["layers"]))  # backend, kernels, memory
     fidelity = next((c for c in callbacks if isinstance(c, FidelityCallback)), None)
     if fidelity is not None:
         summary["fid_curve"] = [dict(record) for record in fidelity.history]

@@ -29,6 +29,8 @@ from sparse_dm.training.callbacks.nonfinite_guard import check_max_consecutive
 from sparse_dm.training.modules.diffusion import check_sampling_weights
 
 METHODS = ("dense", "static", "rigl", "magran")
+BACKENDS = ("dense", "sparse")  # dense: masks over dense kernels; sparse: compact layers (sparse_backend)
+SPARSE_BACKEND_PRECISIONS = ("32-true", "32", 32)  # the compiled training kernels are float32
 
 
 class ConfigError(ValueError):
@@ -135,6 +137,37 @@ def check_cross_key_rules(cfg: DictConfig) -> None:
             "invalid config: trainer.max_steps=-1 and trainer.max_epochs unset; set one of them"
         )
     _check_beyond_paper_cross_keys(cfg)
+    _check_backend(cfg)
+
+
+def backend(cfg: DictConfig) -> str:
+    """`backend` (absent from run configs saved before it existed: dense)."""
+    return OmegaConf.select(cfg, "backend", default="dense")
+
+
+def _check_backend(cfg: DictConfig) -> None:
+    """backend=sparse trains compact layers with the float32 CPU kernels: it needs masks (a sparse
+    method), one mask per weight, a CPU trainer at 32-bit precision."""
+    _check(cfg, "backend", lambda v: v in BACKENDS, f"one of {BACKENDS}", optional=True)
+    if backend(cfg) != "sparse":
+        return
+    if cfg.method.name == "dense":
+        raise ConfigError(
+            "invalid config: backend=sparse with method=dense (nothing is sparse); allowed: backend=dense, "
+            "or a sparse method (static, rigl, magran)"
+        )
+    if OmegaConf.select(cfg, "method.timestep_bands") is not None:
+        raise ConfigError(
+            "invalid config: backend=sparse with method.timestep_bands (one mask per band over one weight "
+            "has no compact layer); allowed: method.timestep_bands=null or backend=dense"
+        )
+    _check(cfg, "trainer.accelerator", lambda v: v == "cpu", "cpu with backend=sparse (CPU kernels)")
+    _check(
+        cfg,
+        "trainer.precision",
+        lambda v: v in SPARSE_BACKEND_PRECISIONS,
+        f"one of {SPARSE_BACKEND_PRECISIONS} with backend=sparse (float32 kernels)",
+    )
 
 
 def _check_beyond_paper_cross_keys(cfg: DictConfig) -> None:

@@ -11,8 +11,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_dm.planning.cost import stored_counts
+from sparse_dm.sparse_backend.backend import train_state_bytes
+from sparse_dm.sparse_backend.optimizer import tensor_bytes
 from sparse_dm.sparsity.engine import SparseEngine
-from sparse_dm.sparsity.masks import find_prunable
+from sparse_dm.sparsity.masks import MASK_SUFFIX, find_prunable
 
 STEPS_KEY = "fid_by_steps"  # evaluations at several DDIM steps: {"50": {"fid": ...}, "100": {...}}
 
@@ -107,6 +109,33 @@ def sketch_stats_entry(module: torch.nn.Module) -> dict:
             "samples": _finite_or_none(record["samples"]),
             "data": _finite_or_none(record["data"]),
         }
+    }
+
+
+def backend_entry(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, layers: list[dict]
+) -> dict[str, Any]:
+    """`backend` (dense | sparse), each layer record with the `kernel` that trained it, and
+    `train_memory`: tensor bytes of weights, gradients and optimizer state as measured at the end of
+    the run (backend=sparse: also the dense tensors a masked run holds for the same state)."""
+    backend = getattr(module, "sparse_backend", None)
+    if backend is not None:
+        kernels = backend.layer_kernels()
+        details = backend.record(optimizer)
+        memory = details.pop("memory")
+    else:
+        net = module.net
+        kernels = {w.name: f"dense (torch {type(w.module).__name__}, masked)" for w in find_prunable(net)}
+        details = {}
+        state = optimizer.state_dict() if optimizer is not None else None
+        dense = train_state_bytes(net.parameters(), state)
+        dense["masks"] = tensor_bytes([b for n, b in net.named_buffers() if n.endswith(MASK_SUFFIX)])
+        memory = {"dense": dense}
+    return {
+        "backend": "dense" if backend is None else backend.name,
+        "backend_details": details,
+        "layers": [{**layer, "kernel": kernels.get(layer["name"])} for layer in layers],
+        "train_memory": memory,
     }
 
 

@@ -76,9 +76,11 @@ class ChiroDiffModule(DiffusionModule):
             self.data_stats = sketch_stats(drawings, self.pen_threshold)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint[LENGTH_POOL_KEY] = self.length_pool.cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if LENGTH_POOL_KEY in checkpoint:
             self.set_length_pool(checkpoint[LENGTH_POOL_KEY])
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_dm.diffusion import NoiseSchedule, masked_mse, sample
+from sparse_dm.sparse_backend.backend import SparseBackend
 from sparse_dm.sparsity.bands import BandRouter
 from sparse_dm.sparsity.bands_engine import BandedSparseEngine
 from sparse_dm.sparsity.ema import MaskedEMA
@@ -111,6 +112,9 @@ class DiffusionModule(L.LightningModule):
         # sample's band mask (sparsity.timestep_bands.BandRouter). None: the plain net.
         self.timestep_bands: BandRouter | None = None
         self._step_loss: Tensor | None = None  # the last training_step's loss
+        # backend=sparse (attach_sparse_backend): the compact net's checkpoint format and step
+        # bookkeeping. None: masks over dense kernels.
+        self.sparse_backend: SparseBackend | None = None
 
     # ----- family-specific hooks -------------------------------------------------------------
     def prepare_batch(self, batch: Any) -> DiffusionBatch:
@@ -179,6 +183,28 @@ class DiffusionModule(L.LightningModule):
         engine's router becomes the denoiser call (each sample runs with its band's mask)."""
         self.sparse_step.engine = engine
         self.timestep_bands = engine.router if isinstance(engine, BandedSparseEngine) else None
+
+    def attach_sparse_backend(self, backend: SparseBackend) -> None:
+        """backend=sparse: `backend` has converted self.net to compact layers; its EMA and its step
+        bookkeeping (the masked engine's, on dense views at mask updates) replace the masked ones."""
+        self.sparse_backend = backend
+        self.ema = backend.ema
+        self.sparse_step = backend.step
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """backend=sparse: the layers form the dense weight gradient only on steps whose growth reads it."""
+        if self.sparse_backend is not None:
+            self.sparse_backend.step.before_forward()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """backend=sparse: the optimizer state as a masked run's (weights, masks, EMA already are)."""
+        if self.sparse_backend is not None:
+            self.sparse_backend.save_format(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """backend=sparse: a masked run's optimizer state gathered by the checkpoint's masks."""
+        if self.sparse_backend is not None:
+            self.sparse_backend.load_format(checkpoint)
 
     def on_train_start(self) -> None:
         """Tell the engine the run length (updates stop at method.end_fraction, never on the last step)."""
