@@ -112,12 +112,13 @@ class Scratch:
 
 class CompiledGRULayer(torch.autograd.Function):
     """One bidirectional layer on feature-major columns: x (F, ld) -> out (2H, ld), forward rows first.
-    After `x`: values of W_ih, W_ih_reverse, W_hh, W_hh_reverse, then b_ih, b_ih_rev, b_hh, b_hh_rev."""
+    After `x`: values of W_ih, W_ih_reverse, W_hh, W_hh_reverse, then b_ih, b_ih_rev, b_hh, b_hh_rev, then
+    kernels, plan, layouts, sinks, the Scratch pool and whether autograd records this call."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, *args: Any) -> Tensor:
         values, biases = args[:4], args[4:8]
-        kernels, plan, layouts, sinks, scratch = args[8:]
+        kernels, plan, layouts, sinks, scratch, recorded = args[8:]
         x = aligned(x)
         hidden = layouts[2].shape[1]
         gi = scratch.take("gi", 6 * hidden, plan.columns)
@@ -129,6 +130,9 @@ class CompiledGRULayer(torch.autograd.Function):
         kernels.gru_forward(plan, gi, recurrent, out, hprev, saved)
         ctx.save_for_backward(x, *values)
         ctx.lent = (hprev, saved)  # intermediates, handed back to `scratch` by backward
+        if not recorded:  # no graph (evaluation): no backward will hand them back
+            scratch.give(hprev)
+            scratch.give(saved)
         ctx.kernels, ctx.plan, ctx.layouts, ctx.sinks, ctx.scratch = kernels, plan, layouts, sinks, scratch
         return out
 
@@ -174,7 +178,7 @@ class CompiledGRULayer(torch.autograd.Function):
         ctx.lent = None
         order = [0, 2, 1, 3]  # computed per direction (ih, hh); taken as ih, ih_reverse, hh, hh_reverse
         ordered = [grad_values[i] for i in order] + [grad_biases[i] for i in order]
-        return grad_x, *ordered, None, None, None, None, None
+        return grad_x, *ordered, None, None, None, None, None, None
 
 
 class SparseBiGRU(SparseWeights):
@@ -222,6 +226,8 @@ class SparseBiGRU(SparseWeights):
             batch_sizes = torch.full((length,), batch, dtype=torch.long)
         if data.shape[-1] != self.input_size:
             raise ValueError(f"input has {data.shape[-1]} features, this GRU takes {self.input_size}")
+        if data.dtype != torch.float32:
+            raise ValueError(f"SparseBiGRU trains in float32 (its values' dtype), got a {data.dtype} input")
         if self.kernels is not None:
             output, finals = self._compiled_layers(data, batch_sizes)
         else:
@@ -252,7 +258,10 @@ class SparseBiGRU(SparseWeights):
         outputs = []
         for layer in range(self.num_layers):
             *weights, layouts, sinks = self.layer_arguments(layer)
-            x = CompiledGRULayer.apply(x, *weights, self.kernels, plan, layouts, sinks, self.scratch)
+            recorded = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights))
+            x = CompiledGRULayer.apply(
+                x, *weights, self.kernels, plan, layouts, sinks, self.scratch, recorded
+            )
             outputs.append(x)
         return outputs
 

@@ -18,11 +18,13 @@ from sparse_dm.sparsity.masks import MASK_SUFFIX
 
 
 def aligned(tensor: Tensor) -> Tensor:
-    """`tensor` itself when the kernels can read it in place, else a fresh contiguous float32 copy
-    (torch's CPU allocator returns 64-byte aligned memory)."""
-    if tensor.is_contiguous() and tensor.dtype == torch.float32 and tensor.data_ptr() % ALIGNMENT == 0:
+    """`tensor` itself when the kernels can read it in place, else a fresh contiguous copy (torch's CPU
+    allocator returns 64-byte aligned memory). Only float32: another dtype is refused, not converted."""
+    if tensor.dtype != torch.float32:
+        raise ValueError(f"the compiled sparse kernels take float32 activations, got {tensor.dtype}")
+    if tensor.is_contiguous() and tensor.data_ptr() % ALIGNMENT == 0:
         return tensor
-    return tensor.contiguous().float().clone()
+    return tensor.contiguous().clone()
 
 
 class CompiledSparseLinear(torch.autograd.Function):
@@ -97,6 +99,8 @@ class SparseLinear(SparseWeights):
         """(..., in_features) -> (..., out_features)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
+        if x.dtype != torch.float32:
+            raise ValueError(f"SparseLinear trains in float32 (its values' dtype), got a {x.dtype} input")
         if self.kernels is not None:
             flat = x.reshape(-1, self.in_features)
             rows = flat.shape[0]

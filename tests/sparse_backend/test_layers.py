@@ -259,3 +259,24 @@ def test_forward_columns_leaves_padding_columns_zero() -> None:
     assert padding.any()
     for out in sparse.forward_columns(columns, plan):
         assert torch.count_nonzero(out[:, padding]) == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_other_dtypes_are_refused_not_converted(impl: str) -> None:
+    gru, _ = masked_gru(input_size=4, hidden=6, layers=1, density=0.5, seed=91)
+    with pytest.raises(ValueError, match="float32"):
+        SparseBiGRU(gru, kernels=kernels_for(impl))(torch.randn(2, 3, 4, dtype=torch.float64))
+    sparse, _ = linear_pair(0.3, seed=92, impl=impl)
+    with pytest.raises(ValueError, match="float32"):
+        sparse(torch.randn(3, 70, dtype=torch.float64))
+
+
+def test_evaluation_without_a_graph_returns_the_lent_buffers() -> None:
+    gru, _ = masked_gru(input_size=5, hidden=8, layers=2, density=0.5, seed=93)
+    sparse = SparseBiGRU(gru, kernels=kernels_for("compiled"))
+    x, lengths = packed_batch([4, 2, 1], 5, seed=94, dtype=torch.float32)
+    with torch.no_grad():
+        run_gru(sparse, x, lengths)
+        pooled = {id(buffer) for buffer in sparse.scratch.free}
+        run_gru(sparse, x, lengths)
+    assert len(pooled) == 2 and {id(buffer) for buffer in sparse.scratch.free} == pooled  # hprev, saved
