@@ -1,7 +1,7 @@
 # sparse_dm — common tasks. PYTHON defaults to the project venv created by `make install`.
 PYTHON ?= .venv/bin/python
 
-.PHONY: install test lint train cost bench bench-bands sweep-demo study report clean
+.PHONY: install test lint train cost bench bench-bands bench-train-kernels sweep-demo study report clean
 
 install:  ## create .venv and install sparse_dm with dev extras
 	python3 -m venv .venv
@@ -36,6 +36,9 @@ bench:  ## sparse vs dense: training step, mask update, DDIM sampling, file size
 
 bench-bands:  ## timestep-band masks vs one mask: training step and DDIM wall time (about a minute)
 	$(PYTHON) -m benchmarks.timestep_bands
+
+bench-train-kernels:  ## sparse training kernels vs masked dense PyTorch, fwd+bwd at ChiroDiff's shapes (docs/benchmarks_train_kernels.md)
+	$(PYTHON) -m benchmarks.train_step
 
 report:  ## tables and plots of a finished sweep: make report SWEEP=multirun/demo_cpu_kanjivg
 	$(PYTHON) -m sparse_dm.report sweep_dir=$(SWEEP) out=reports/$(notdir $(SWEEP))
