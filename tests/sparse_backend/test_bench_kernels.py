@@ -20,5 +20,5 @@ def test_quick_kernel_bench_writes_json_and_matching_markdown(tmp_path) -> None:
         assert r["dense_ms_cpu"] > 0 and r["sparse_ms_cpu"] > 0
         assert f"| {r['case']} | {r['sparsity']} | {r['threads']} | {r['dense_ms_cpu']:.1f} |" in markdown
     assert {r["kernel"] for r in results["kernels"]} == {"spmm", "spmm_transpose", "sddmm"}
-    assert results["limits"]["sgemm_gfma_s"] > 0 and results["limits"]["copy_gb_s"] > 0
+    assert all(value > 0 for value in results["limits"].values()) and len(results["limits"]) == 3
     assert results["machine"]["cpu"] in markdown and results["machine"]["compiler"] in markdown
