@@ -7,6 +7,11 @@ sparsity was swept over several prune rates; Table 8 when runs were evaluated at
 
 `--config-name study` (conf/study.yaml, layout=study) renders a multi-seed study instead: per-arm
 mean ± SD, Welch intervals to dense, learning curves and sample grids (sparse_dm.reporting.study_report).
+
+`--config-name study_results` (conf/study_results.yaml, layout=protocol) renders study protocols
+(multirun_sweeps/study_specs/): each spec's pre-declared contrasts with intervals, Holm-adjusted p and
+computed verdicts from its committed records, and docs/results.md from all of them
+(sparse_dm.reporting.protocol_report).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from sparse_dm.reporting.protocol import load_spec
+from sparse_dm.reporting.protocol_report import make_protocol_report, write_results
 from sparse_dm.reporting.study_report import make_study_report, study_options
 from sparse_dm.reporting.sweep_report import (
     make_report,
@@ -26,7 +33,7 @@ from sparse_dm.reporting.sweep_report import (
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("paper", "study")
+LAYOUTS = ("paper", "study", "protocol")
 
 
 
@@ -56,6 +63,8 @@ def report(cfg: DictConfig, command: str | None = None) -> Path:
     command is the command line that asked for it (recorded in the study report's header)."""
     if cfg.layout not in LAYOUTS:
         raise ValueError(f"invalid config: layout={cfg.layout!r}; allowed: one of {list(LAYOUTS)}")
+    if cfg.layout == "protocol":
+        return protocol_reports(cfg, command)
     dirs = [Path(d) for d in (cfg.sweep_dir if OmegaConf.is_list(cfg.sweep_dir) else [cfg.sweep_dir])]
     if cfg.layout == "paper":
         return make_report(dirs, Path(cfg.out), cfg.metric)
@@ -65,6 +74,18 @@ def report(cfg: DictConfig, command: str | None = None) -> Path:
             "study.primary and study.secondary (leave metric null)"
         )
     return make_study_report(dirs, Path(cfg.out), study_options(cfg.study), command)
+
+
+def protocol_reports(cfg: DictConfig, command: str | None) -> Path:
+    """Each spec's contrast report, then (unless results=null) the results page over all of them;
+    every spec is read (and checked) before any report is written."""
+    paths = cfg.specs if OmegaConf.is_list(cfg.specs) else [cfg.specs]
+    specs = [load_spec(Path(p)) for p in paths]
+    reports = [make_protocol_report(spec) for spec in specs]
+    if cfg.results is None:
+        return reports[-1].path
+    default = "python -m sparse_dm.report --config-name study_results"
+    return write_results(reports, Path(cfg.results), command or default)
 
 
 def command_line() -> str:

@@ -300,7 +300,7 @@ def test_no_dense_runs_is_stated(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("layout=table", r"layout='table'; allowed: one of \['paper', 'study'\]"),
+        ("layout=table", r"layout='table'; allowed: one of \['paper', 'study', 'protocol'\]"),
         ("metric=fid", r"metric='fid' applies to layout=paper"),
         (
             "study.primary=fid",

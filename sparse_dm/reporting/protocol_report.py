@@ -1,0 +1,608 @@
+"""The report of a study spec: per-arm numbers and every pre-declared contrast with its interval,
+Holm-adjusted p and verdict, written as <out>/contrasts.md, contrasts.csv, arms.csv and plots/.
+
+It reads only what is committed: the run records <out>/runs/<arm>/seed_<n>/ (summary.json,
+config.yaml, csv/metrics.csv) the study runner copies there, or, for a study made before the protocol
+whose per-seed records were not kept, its per-arm CSV (mean, SD, n: Welch intervals only). Whether a
+contrast's runs respected the recovery window is checked again here, from each run's own config.yaml.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+
+from sparse_dm.reporting.contrasts import Estimate, estimate, holm, verdict, welch_from_stats
+from sparse_dm.reporting.plots import DPI, FIGSIZE
+from sparse_dm.reporting.protocol import (
+    ArmSchedule,
+    ContrastSpec,
+    FigureSpec,
+    ProtocolError,
+    StudySpec,
+    arm_schedule,
+    compose_arm,
+    recovery_violations,
+)
+from sparse_dm.reporting.seed_stats import SeedStats
+from sparse_dm.reporting.study import read_curve
+from sparse_dm.reporting.tables import METRIC_KEYS
+
+RUNS = "runs"
+SUMMARY = "summary.json"
+CONFIG = "config.yaml"
+CURVE = Path("csv") / "metrics.csv"
+REPORT = "contrasts.md"
+CONTRASTS_CSV = "contrasts.csv"
+ARMS_CSV = "arms.csv"
+DIGITS = 4
+P_DIGITS = 3
+LOG_X_RATIO = 4.0  # factor values spanning this ratio or more (Te 16 .. 160) are drawn on a log axis
+CONFIG_DIFF_SHOWN = 5
+ABSENT = "<absent>"
+
+
+def metric_key(metric: str) -> str:
+    """The summary / CSV key of a metric: the study short names (val_loss_raw -> val/loss_raw), or a
+    key as logged (val/loss_raw_band0) or as summary.json has it at top level (fsd_kanjivg)."""
+    return METRIC_KEYS.get(metric, metric)
+
+
+# ----- what was committed --------------------------------------------------------------------------------
+@dataclass
+class ArmData:
+    """One arm's committed evidence: run records by seed, or (per-arm CSV studies) its CSV row."""
+
+    runs: dict[int, Path] = field(default_factory=dict)  # seed -> record folder
+    summaries: dict[int, dict[str, Any]] = field(default_factory=dict)
+    schedules: dict[int, ArmSchedule] = field(default_factory=dict)  # from each run's config.yaml
+    csv_row: dict[str, str] | None = None
+    composed: ArmSchedule | None = None  # from the spec as it stands (per-arm CSV studies; config drift)
+    config_drift: list[str] = field(default_factory=list)
+
+
+def _seed_of(folder: Path) -> int:
+    name = folder.name
+    if not name.startswith("seed_") or not name[5:].isdigit():
+        raise ProtocolError(f"{folder}: run record folders are named seed_<n>")
+    return int(name[5:])
+
+
+def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(cfg, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in cfg.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: cfg}
+
+
+def _config_drift(spec: StudySpec, arm: str, record: DictConfig) -> list[str]:
+    """Keys whose value in a committed run's config differs from the config the spec composes today
+    for the same run (changed defaults or overrides since it ran), so an old record is never silently
+    taken as current."""
+    try:
+        current = compose_arm(spec, arm, int(record.seed), Path(record.paths.output_dir))
+    except ProtocolError as err:
+        return [f"(cannot compose the arm now: {err})"]
+    now = _flat(OmegaConf.to_container(current, resolve=True))
+    then = _flat(OmegaConf.to_container(record, resolve=True))
+    return sorted(k for k in set(now) | set(then) if now.get(k, ABSENT) != then.get(k, ABSENT))
+
+
+def load_committed(spec: StudySpec) -> dict[str, ArmData]:
+    """Every arm's committed records (refusing folders that are not runs of this spec), or its row of
+    the per-arm CSV for studies without records."""
+    data = {arm: ArmData() for arm in spec.arms}
+    if spec.source_csv is not None:
+        with spec.source_csv.open(newline="") as f:
+            rows = {row["arm"]: row for row in csv.DictReader(f)}
+        for name, arm in spec.arms.items():
+            if arm.csv_arm not in rows:
+                raise ProtocolError(
+                    f"{spec.path}: arms.{name}.csv_arm={arm.csv_arm!r} is not a row of {spec.source_csv}"
+                )
+            data[name].csv_row = rows[arm.csv_arm]
+            data[name].composed = arm_schedule(compose_arm(spec, name, spec.seeds[0], spec.runs_dir / name))
+        return data
+    root = spec.out / RUNS
+    for summary_path in sorted(root.glob(f"*/*/{SUMMARY}")) if root.is_dir() else []:
+        folder = summary_path.parent
+        arm, seed = folder.parent.name, _seed_of(folder)
+        if arm not in spec.arms or seed not in spec.seeds:
+            raise ProtocolError(
+                f"{folder} is not a run of study {spec.name}: arms {list(spec.arms)}, "
+                f"seeds {list(spec.seeds)}"
+            )
+        summary = json.loads(summary_path.read_text())
+        record = OmegaConf.load(folder / CONFIG)
+        if int(summary["seed"]) != seed or int(summary["train_steps"]) != spec.budget_steps:
+            raise ProtocolError(
+                f"{folder}: summary says seed {summary['seed']}, {summary['train_steps']} steps; the spec "
+                f"declares seed {seed} (its folder) and budget_steps {spec.budget_steps}"
+            )
+        entry = data[arm]
+        entry.runs[seed] = folder
+        entry.summaries[seed] = summary
+        entry.schedules[seed] = arm_schedule(record)
+        for key in _config_drift(spec, arm, record):
+            if key not in entry.config_drift:
+                entry.config_drift.append(key)
+    return data
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def run_value(
+    folder: Path, summary: Mapping[str, Any], metric: str, step: int | None, budget: int
+) -> float | None:
+    """A run's metric at the final evaluation (summary.json) or at an earlier one (its CSV curve);
+    None when the run did not log it."""
+    key = metric_key(metric)
+    if step is None or step == budget:
+        metrics = summary.get("metrics") or {}
+        return _number(metrics[key]) if key in metrics else _number(summary.get(key))
+    try:
+        return read_curve(folder / CURVE, key).get(step)
+    except ValueError:  # the column does not exist: the run never logged this metric
+        return None
+
+
+def _csv_stats(row: Mapping[str, str], metric: str) -> SeedStats | None:
+    mean, sd = row.get(f"{metric}_mean"), row.get(f"{metric}_sd")
+    if not mean:
+        return None
+    return SeedStats(int(row["n"]), float(mean), float(sd) if sd else math.nan)
+
+
+# ----- contrasts -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ContrastRow:
+    index: int
+    spec: ContrastSpec
+    label: str
+    estimate: Estimate | None
+    p_holm: float | None
+    verdict: str
+    notes: tuple[str, ...]
+
+
+def _window_problems(spec: StudySpec, arm: str, data: ArmData, step: int) -> list[str]:
+    schedules = list(data.schedules.values()) or ([data.composed] if data.composed else [])
+    return sorted({p for s in schedules for p in recovery_violations(arm, s, [step], spec.recovery_window)})
+
+
+def _estimate_of(
+    spec: StudySpec, c: ContrastSpec, data: Mapping[str, ArmData]
+) -> tuple[Estimate | None, list[str]]:
+    """The contrast's estimate from what was committed, or None with the reasons it cannot be made."""
+    step = c.step or spec.budget_steps
+    problems = _window_problems(spec, c.a, data[c.a], step) + _window_problems(spec, c.b, data[c.b], step)
+    if problems:
+        return None, [f"recovery window violated: {p}" for p in problems]
+    if spec.source_csv is not None:
+        if c.a == c.b:
+            return None, ["one arm's two metrics need per-seed values (paired), which this CSV lacks"]
+        sa, sb = _csv_stats(data[c.a].csv_row, c.metric), _csv_stats(data[c.b].csv_row, c.metric_b)
+        if sa is None or sb is None:
+            return None, [f"{c.metric} / {c.metric_b} not in {spec.source_csv}"]
+        return welch_from_stats(sa, sb, spec.confidence), [
+            "Welch from per-arm mean, SD, n (per-seed values not committed)"
+        ]
+    values = []
+    notes = []
+    for arm, metric in ((c.a, c.metric), (c.b, c.metric_b)):
+        d = data[arm]
+        got = {
+            s: v
+            for s in d.runs
+            if (v := run_value(d.runs[s], d.summaries[s], metric, c.step, spec.budget_steps)) is not None
+        }
+        absent = len(d.runs) - len(got)
+        if absent:
+            notes.append(f"{metric_key(metric)} absent from {absent} of {len(d.runs)} runs of {arm}")
+        if len(d.runs) < len(spec.seeds):
+            notes.append(f"{arm}: {len(d.runs)} of {len(spec.seeds)} seeds committed")
+        values.append(got)
+    if not values[0] or not values[1]:
+        return None, notes or ["no runs committed"]
+    return estimate(values[0], values[1], spec.confidence), notes
+
+
+def contrast_rows(spec: StudySpec, data: Mapping[str, ArmData]) -> list[ContrastRow]:
+    """Every declared contrast, Holm-adjusted over the whole declared family."""
+    made = [_estimate_of(spec, c, data) for c in spec.contrasts]
+    adjusted = holm([e.p if e is not None else None for e, _ in made])
+    rows = []
+    for i, (c, (est, notes), p_holm) in enumerate(zip(spec.contrasts, made, adjusted, strict=True), start=1):
+        a, b = spec.arms[c.a].label, spec.arms[c.b].label
+        if est is None:
+            text = f"not tested ({'; '.join(notes)})"
+        else:
+            text = verdict(est, p_holm, spec.alpha, a, b)
+            if not est.tested:
+                notes = [*notes, est.reason or ""]
+        rows.append(ContrastRow(i, c, c.label(spec.arms), est, p_holm, text, tuple(notes)))
+    return rows
+
+
+# ----- selection and figures -----------------------------------------------------------------------------
+def selection_result(spec: StudySpec, rows: Sequence[ContrastRow]) -> tuple[Any, dict[Any, float]] | str:
+    """The selection rule's choice and the mean difference per factor value, or why it cannot be made."""
+    sel = spec.selection
+    assert sel is not None
+    chosen = [r for r in rows if sel.factor in r.spec.factors]
+    lacking = [r.index for r in chosen if r.estimate is None or math.isnan(r.estimate.difference)]
+    if lacking:
+        return f"not yet: contrasts {lacking} have no estimate"
+    by_value: dict[Any, list[float]] = defaultdict(list)
+    for r in chosen:
+        by_value[r.spec.factors[sel.factor]].append(r.estimate.difference)
+    means = {v: math.fsum(d) / len(d) for v, d in sorted(by_value.items())}
+    return min(means, key=means.__getitem__), means
+
+
+def _series_label(factors: Mapping[str, Any], keys: Sequence[str]) -> str:
+    return ", ".join(f"{k} = {factors[k]}" for k in keys)
+
+
+def plot_figure(
+    fig_spec: FigureSpec, rows: Sequence[ContrastRow], confidence: float, path: Path
+) -> Path | None:
+    """Differences with their intervals against the factor, one line per series; None: nothing to draw."""
+    keys = (fig_spec.x, *fig_spec.series)
+    series: dict[str, list[ContrastRow]] = defaultdict(list)
+    for r in rows:
+        if all(k in r.spec.factors for k in keys) and r.estimate is not None and r.estimate.low is not None:
+            series[_series_label(r.spec.factors, fig_spec.series)].append(r)
+    if not series:
+        return None
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = sorted({float(r.spec.factors[fig_spec.x]) for group in series.values() for r in group})
+    for label, group in sorted(series.items()):
+        group.sort(key=lambda r: float(r.spec.factors[fig_spec.x]))
+        x = [float(r.spec.factors[fig_spec.x]) for r in group]
+        y = [r.estimate.difference for r in group]
+        err = [[d - r.estimate.low for d, r in zip(y, group, strict=True)],
+               [r.estimate.high - d for d, r in zip(y, group, strict=True)]]  # fmt: skip
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    if xs[0] > 0 and xs[-1] / xs[0] >= LOG_X_RATIO:
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{v:g}" for v in xs])
+    ax.set_xlabel(fig_spec.x)
+    ax.set_ylabel(f"difference A − B ({confidence:.0%} interval, unadjusted)")
+    ax.set_title(fig_spec.title, fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
+# ----- tables --------------------------------------------------------------------------------------------
+def _fmt(x: float | None, digits: int = DIGITS, signed: bool = False) -> str:
+    if x is None or math.isnan(x):
+        return "n/a"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _p(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.{P_DIGITS}f}" if x >= 10**-P_DIGITS else f"< {10**-P_DIGITS:g}"
+
+
+def _interval(est: Estimate | None) -> str:
+    if est is None or est.low is None:
+        return "n/a"
+    return f"[{est.low:+.{DIGITS}f}, {est.high:+.{DIGITS}f}]"
+
+
+def _n(est: Estimate | None) -> str:
+    if est is None:
+        return "n/a"
+    return f"{est.n_pairs} pairs" if est.n_pairs is not None else f"{est.n_a} vs {est.n_b}"
+
+
+def contrast_table(rows: Sequence[ContrastRow], confidence: float, with_claims: bool) -> list[str]:
+    level = f"{confidence:.0%}"
+    head = [
+        "#",
+        "Contrast A − B (metric)",
+        "step",
+        "test",
+        "n",
+        "Δ",
+        f"{level} CI",
+        "df",
+        "p",
+        "Holm p",
+        "Verdict",
+    ]
+    if with_claims:
+        head.append("Earlier claim")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        e = r.estimate
+        cells = [
+            str(r.index),
+            r.label,
+            "final" if r.spec.step is None else str(r.spec.step),
+            "n/a" if e is None else e.test,
+            _n(e),
+            "n/a" if e is None else _fmt(e.difference, signed=True),
+            _interval(e),
+            "n/a" if e is None or e.df is None else f"{e.df:.1f}",
+            _p(None if e is None else e.p),
+            _p(r.p_holm),
+            f"**{r.verdict}**",
+        ]
+        if with_claims:
+            cells.append(r.spec.claim or "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _stat(s: SeedStats) -> str:
+    if s.n == 0:
+        return "n/a"
+    return f"{s.mean:.{DIGITS}f} ± {'n/a' if math.isnan(s.sd) else f'{s.sd:.{DIGITS}f}'}"
+
+
+def _metrics_used(spec: StudySpec) -> list[str]:
+    named = [m for c in spec.contrasts for m in (c.metric, c.metric_b)] + list(spec.report_metrics)
+    return list(dict.fromkeys(named))
+
+
+def _recovery(spec: StudySpec, arm: str, schedules: Sequence[ArmSchedule]) -> str:
+    """Last mask update before each evaluation the arm's contrasts read, and the steps after it."""
+    if not schedules:
+        return "n/a"
+    cells = set()
+    for s in schedules:
+        for e in spec.evaluation_steps(arm) or [spec.budget_steps]:
+            last = s.last_update_before(e)
+            cells.add(f"none before {e}" if last is None else f"{last} → {e}: {e - last} steps")
+    return "; ".join(sorted(cells))
+
+
+def arm_rows(spec: StudySpec, data: Mapping[str, ArmData]) -> list[dict[str, str]]:
+    metrics = _metrics_used(spec)
+    rows = []
+    for name, arm in spec.arms.items():
+        d = data[name]
+        row = {"arm": arm.label, "name": name}
+        if d.csv_row is not None:
+            row["runs"] = d.csv_row["n"]
+            for m in metrics:
+                s = _csv_stats(d.csv_row, m)
+                row[m] = "n/a" if s is None else _stat(s)
+            row["mask updates"] = (
+                f"{float(d.csv_row['mask_updates_mean']):g} (composed config: {len(d.composed.updates)})"
+            )
+            row["last update → evaluation"] = _recovery(spec, name, [d.composed])
+            row["exploration rate"] = _fmt(_number(float(d.csv_row["exploration_rate_mean"])), 3)
+            rows.append(row)
+            continue
+        seeds = sorted(d.runs)
+        row["runs"] = f"{len(seeds)} of {len(spec.seeds)}"
+        for m in metrics:
+            vals = [
+                v
+                for s in seeds
+                if (v := run_value(d.runs[s], d.summaries[s], m, None, spec.budget_steps)) is not None
+            ]
+            row[m] = _stat(SeedStats.of(vals))
+        summaries = [d.summaries[s] for s in seeds]
+        row["mask updates"] = ", ".join(sorted({str(s.get("mask_updates")) for s in summaries})) or "n/a"
+        row["last update → evaluation"] = _recovery(spec, name, list(d.schedules.values()))
+        row["exploration rate"] = _stat(SeedStats.of([float(s["exploration_rate"]) for s in summaries]))
+        for key in ("params_active", "params_stored"):
+            found = sorted({s[key] for s in summaries if s.get(key) is not None})
+            row[key] = (
+                ", ".join(f"{v:,}" for v in found)
+                if found
+                else ("not in summary.json" if summaries else "n/a")
+            )
+        row["config drift"] = ", ".join(d.config_drift[:CONFIG_DIFF_SHOWN]) + (
+            f" (+{len(d.config_drift) - CONFIG_DIFF_SHOWN} more)"
+            if len(d.config_drift) > CONFIG_DIFF_SHOWN
+            else ""
+        )
+        rows.append(row)
+    return rows
+
+
+def _markdown(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    head = [k for k in rows[0] if k != "name"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r.get(k, "") for k in head) + " |" for r in rows]
+    return lines
+
+
+# ----- the report ----------------------------------------------------------------------------------------
+def verdict_rule(spec: StudySpec) -> str:
+    level = f"{spec.confidence:.0%}"
+    return (
+        f'Verdicts: "A < B" or "A > B" when the Holm-adjusted p over this study\'s {len(spec.contrasts)} '
+        f'declared contrasts is below {spec.alpha:.2g}, else "no difference detected"; the {level} interval '
+        'is per contrast (unadjusted), so an interval that excludes 0 can still read "no difference '
+        'detected" after the correction. Paired t over the seeds both arms ran; Welch t otherwise.'
+    )
+
+
+def status_line(spec: StudySpec, data: Mapping[str, ArmData]) -> str:
+    if spec.source_csv is not None:
+        return f"Per-arm statistics from `{spec.source_csv}` (per-seed records were not committed)."
+    done = sum(len(d.runs) for d in data.values())
+    planned = len(spec.arms) * len(spec.seeds)
+    missing = spec.missing_inputs()
+    waiting = f"; waiting for {', '.join(missing)}" if missing else ""
+    return f"Runs committed: {done} of {planned} planned{waiting}."
+
+
+@dataclass(frozen=True)
+class StudyReport:
+    spec: StudySpec
+    rows: list[ContrastRow]
+    status: str
+    path: Path
+
+
+def make_protocol_report(spec: StudySpec, command: str | None = None) -> StudyReport:
+    """Write the spec's contrasts.md, contrasts.csv, arms.csv and plots under spec.out."""
+    data = load_committed(spec)
+    rows = contrast_rows(spec, data)
+    arms = arm_rows(spec, data)
+    out = spec.out
+    out.mkdir(parents=True, exist_ok=True)
+    status = status_line(spec, data)
+    lines = [
+        f"# {spec.title}",
+        "",
+        "Generated from the committed records by the command below; do not edit (verdicts are computed in "
+        "`sparse_dm/reporting/contrasts.py`).",
+        "",
+        "```sh",
+        *(
+            []
+            if spec.source_csv is not None
+            else [f"python -m sparse_dm.study specs={spec.path}   # runs what is missing"]
+        ),
+        command or f"python -m sparse_dm.report --config-name study_results specs=[{spec.path}] results=null",
+        "```",
+        "",
+        f"- Spec: `{spec.path}`",
+        f"- Status: {status}",
+        f"- Seeds (shared by every arm): {', '.join(map(str, spec.seeds))}; budget: {spec.budget_steps:,} "
+        f"optimizer steps; recovery window W = {spec.recovery_window} steps",
+        "",
+    ]
+    if spec.description:
+        lines += [spec.description, ""]
+    lines += ["## Contrasts", "", verdict_rule(spec), ""]
+    lines += contrast_table(rows, spec.confidence, any(r.spec.claim for r in rows))
+    notes = _grouped_notes(rows)
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    if spec.selection is not None:
+        result = selection_result(spec, rows)
+        lines += ["", "## Selection", ""]
+        rule = (
+            f"Rule (fixed in the spec before the runs): the value of `{spec.selection.factor}` whose "
+            "contrasts "
+            f"have the lowest mean difference A − B; it feeds {spec.selection.feeds}."
+        )
+        if isinstance(result, str):
+            lines += [rule, "", f"Result: {result}."]
+        else:
+            best, means = result
+            per_value = ", ".join(f"{v}: {m:+.{DIGITS}f}" for v, m in means.items())
+            lines += [
+                rule,
+                "",
+                f"Result: **{spec.selection.factor} = {best}** (mean differences {per_value}).",
+            ]
+    figures = [
+        (f, plot_figure(f, rows, spec.confidence, out / "plots" / f"{f.name}.png")) for f in spec.figures
+    ]
+    for fig_spec, path in figures:
+        lines += ["", f"## {fig_spec.title}", ""]
+        lines.append(
+            f"![{fig_spec.title}]({path.relative_to(out).as_posix()})"
+            if path
+            else "Not drawn: no contrast of it has an interval yet."
+        )
+    lines += ["", "## Arms", "", *_markdown(arms)]
+    if spec.limits:
+        lines += ["", "## What this study cannot answer", "", *[f"- {x}" for x in spec.limits]]
+    report = out / REPORT
+    report.write_text("\n".join(lines) + "\n")
+    _write_csv(out / CONTRASTS_CSV, _contrast_records(rows, spec))
+    _write_csv(out / ARMS_CSV, arms)
+    return StudyReport(spec, rows, status, report)
+
+
+def _grouped_notes(rows: Sequence[ContrastRow]) -> list[str]:
+    """The notes of tested contrasts, each once with the contrasts it applies to (an untested
+    contrast's reasons are already its verdict)."""
+    by_note: dict[str, list[int]] = defaultdict(list)
+    for r in rows:
+        if r.estimate is not None:
+            for n in r.notes:
+                if n:
+                    by_note[n].append(r.index)
+    return [f"#{', #'.join(map(str, idx))}: {n}" for n, idx in by_note.items()]
+
+
+def _contrast_records(rows: Sequence[ContrastRow], spec: StudySpec) -> list[dict[str, Any]]:
+    records = []
+    for r in rows:
+        e = r.estimate
+        records.append(
+            {
+                "index": r.index, "a": r.spec.a, "b": r.spec.b, "metric": r.spec.metric,
+                "metric_b": r.spec.metric_b, "step": r.spec.step or spec.budget_steps,
+                "test": None if e is None else e.test, "n_a": None if e is None else e.n_a,
+                "n_b": None if e is None else e.n_b, "n_pairs": None if e is None else e.n_pairs,
+                "difference": None if e is None else e.difference, "ci_low": None if e is None else e.low,
+                "ci_high": None if e is None else e.high, "df": None if e is None else e.df,
+                "t": None if e is None else e.t, "p": None if e is None else e.p, "p_holm": r.p_holm,
+                "verdict": r.verdict, "factors": json.dumps(dict(r.spec.factors)), "claim": r.spec.claim,
+                "notes": "; ".join(r.notes),
+            }
+        )  # fmt: skip
+    return records
+
+
+def _write_csv(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    fields = list(dict.fromkeys(k for r in records for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def write_results(reports: Sequence[StudyReport], path: Path, command: str) -> Path:
+    """docs/results.md: every study's contrast table, verdicts as computed, linked to its report."""
+    lines = [
+        "# Results",
+        "",
+        "Generated from the committed study records by the command below; do not edit. Every verdict is "
+        "computed from a pre-declared contrast (difference, interval, Holm-adjusted p) in "
+        "`sparse_dm/reporting/contrasts.py`; none is typed by hand. Each study's full report (arms, "
+        "notes, figures) is linked under its title.",
+        "",
+        "```sh",
+        command,
+        "```",
+    ]
+    for rep in reports:
+        spec = rep.spec
+        link = os.path.relpath(rep.path, path.parent)
+        lines += ["", f"## {spec.title}", "", f"[Full report]({Path(link).as_posix()}). {rep.status}", ""]
+        if spec.description:
+            lines += [spec.description, ""]
+        lines += [verdict_rule(spec), ""]
+        lines += contrast_table(rep.rows, spec.confidence, any(r.spec.claim for r in rep.rows))
+        if spec.limits:
+            lines += ["", "Cannot be answered by this study:", "", *[f"- {x}" for x in spec.limits]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
