@@ -29,8 +29,9 @@ SIGNATURES: dict[str, tuple[Any, ...]] = {
     "sdm_sddmm": (I32, P, P, P, I64, P, I64, I64, P, I32, I32),
     # hidden, steps, offsets, sizes, ld, gi, (crow, col, val, bias) x 2, out, hprev, saved, threads
     "sdm_gru_forward": (I32, I32, P, P, I64, P, P, P, P, P, P, P, P, P, P, P, P, I32),
-    # hidden, steps, offsets, sizes, ld, grad_out, hprev, saved, (ccol, row, perm, val) x 2, dgi, dgh, threads
-    "sdm_gru_backward": (I32, I32, P, P, I64, P, P, P, P, P, P, P, P, P, P, P, P, P, I32),
+    # hidden, steps, offsets, sizes, ld, grad_out, hprev, saved, (ccol, row, perm, val) x 2, dgi, dgh,
+    # bias_grad, threads
+    "sdm_gru_backward": (I32, I32, P, P, I64, P, P, P, P, P, P, P, P, P, P, P, P, P, P, I32),
 }
 
 
@@ -172,8 +173,9 @@ class TrainKernels:
         recurrent: list[tuple[SparseLayout, Tensor]],
         dgi: Tensor,
         dgh: Tensor,
-    ) -> None:
-        """Backward through time of `gru_forward`: grad_out (2H, ld) -> dgi, dgh (2 * 3H, ld)."""
+    ) -> Tensor:
+        """Backward through time of `gru_forward`: grad_out (2H, ld) -> dgi, dgh (2 * 3H, ld); returns the
+        column sums (2, 4H): per direction the b_ih gradient (r, z, n rows of dgi), then dgh's n rows."""
         hidden = recurrent[0][0].shape[1]
         ld = self.check(grad_out, 2 * hidden, "gru output grad")
         for tensor, rows, name in (
@@ -185,6 +187,7 @@ class TrainKernels:
             if self.check(tensor, rows, name) != ld:
                 raise ValueError(f"{name}: {tensor.shape[1]} columns, the layer has {ld}")
         plan.check(ld)
+        bias_grad = torch.empty(2, 4 * hidden)
         weights = []
         for layout, values in recurrent:
             check_recurrent(layout, values, None, hidden)
@@ -206,10 +209,12 @@ class TrainKernels:
             *weights,
             dgi.data_ptr(),
             dgh.data_ptr(),
+            bias_grad.data_ptr(),
             torch.get_num_threads(),
         )
         if status:
             raise MemoryError("the compiled GRU backward could not allocate its scratch or start its thread")
+        return bias_grad
 
 
 def check_values(values: Tensor, layout: SparseLayout) -> None:

@@ -151,7 +151,7 @@ class CompiledGRULayer(torch.autograd.Function):
         rows = 3 * hidden
         dgi, dgh = (ctx.scratch.take(name, 6 * hidden, plan.columns) for name in ("dgi", "dgh"))
         recurrent = [(layouts[2 + d], values[2 + d]) for d in range(2)]
-        kernels.gru_backward(plan, aligned(grad_out), hprev, saved, recurrent, dgi, dgh)
+        sums = kernels.gru_backward(plan, aligned(grad_out), hprev, saved, recurrent, dgi, dgh)
         per_direction = [(dgi[d * rows : (d + 1) * rows], dgh[d * rows : (d + 1) * rows]) for d in range(2)]
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -168,7 +168,8 @@ class CompiledGRULayer(torch.autograd.Function):
             grad_values.append(
                 kernels.sddmm(layouts[2 + d], d_rec, h, values[2 + d].new_empty(layouts[2 + d].nnz))
             )
-            grad_biases += [d_in.sum(dim=1), d_rec.sum(dim=1)]
+            # b_hh's r and z gradients are b_ih's: dgh and dgi share those rows
+            grad_biases += [sums[d, :rows], torch.cat([sums[d, : 2 * hidden], sums[d, rows:]])]
             if sinks[d] is not None:
                 sinks[d].add(d_in @ x.t())
             if sinks[2 + d] is not None:

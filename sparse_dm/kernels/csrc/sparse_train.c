@@ -203,7 +203,9 @@ typedef struct {
     const float *grad_out;          /* (H, ld) this direction's rows of dL/d(output) */
     const int32_t *ccol, *csc_row, *perm; /* W_hh CSC (through perm into val) */
     float *dgi, *dgh;               /* (3H, ld) dL/d(W_ih x + b_ih), dL/d(W_hh h + b_hh) */
+    float *bias_grad;               /* (4H,) column sums of dgi (r, z, n) and of dgh's n rows */
     float *scratch;                 /* (3H, width of step 0) or (2H, ...) workspace */
+    vf *sums;                       /* (4H,) vector partial sums of bias_grad */
     int64_t width0;                 /* padded columns of the widest step */
 } GruJob;
 
@@ -283,6 +285,7 @@ static void *gru_backward_direction(void *arg) {
             float *gi_n = j->dgi + (int64_t)(2 * H + u) * ld + off;
             float *gh_r = j->dgh + (int64_t)u * ld + off, *gh_z = j->dgh + (int64_t)(H + u) * ld + off;
             float *gh_n = j->dgh + (int64_t)(2 * H + u) * ld + off;
+            vf sum_r = j->sums[u], sum_z = j->sums[H + u], sum_n = j->sums[2 * H + u], sum_hn = j->sums[3 * H + u];
             for (int64_t c = 0; c < w; c += LANES) {
                 const vf r = load(r_ + c), z = load(z_ + c), n = load(n_ + c), hn = load(hn_ + c);
                 const vf g = load(d + c);
@@ -296,7 +299,9 @@ static void *gru_backward_direction(void *arg) {
                 store(gh_r + c, a_r);
                 store(gh_z + c, a_z);
                 store(gh_n + c, a_n * r);
+                sum_r += a_r, sum_z += a_z, sum_n += a_n, sum_hn += a_n * r;
             }
+            j->sums[u] = sum_r, j->sums[H + u] = sum_z, j->sums[2 * H + u] = sum_n, j->sums[3 * H + u] = sum_hn;
         }
         /* carry = W_hh^T dgh + z * dh over this step's columns (dgh and dh are 0 in padding columns) */
         for (int64_t b0 = 0; b0 < w; b0 += MAX_CHUNKS * LANES) {
@@ -314,6 +319,7 @@ static void *gru_backward_direction(void *arg) {
         }
         carried = b;
     }
+    for (int i = 0; i < 4 * H; i++) j->bias_grad[i] = hsum(j->sums[i]);
     return NULL;
 }
 
@@ -364,13 +370,14 @@ int sdm_gru_forward(int hidden, int steps, const int32_t *offsets, const int32_t
     return status;
 }
 
-/* Backward of sdm_gru_forward: grad_out (2H, ld) -> dgi, dgh (2, 3H, ld). W_hh of direction d in CSC:
- * ccol[d], csc_row[d], perm[d] (CSR position of each entry) into val[d]. */
+/* Backward of sdm_gru_forward: grad_out (2H, ld) -> dgi, dgh (2, 3H, ld) and bias_grad (2, 4H): per
+ * direction the gradients of b_ih (r, z, n) and of b_hh's n part (its r, z parts equal b_ih's). W_hh of
+ * direction d in CSC: ccol[d], csc_row[d], perm[d] (CSR position of each entry) into val[d]. */
 int sdm_gru_backward(int hidden, int steps, const int32_t *offsets, const int32_t *sizes, int64_t ld,
                      const float *grad_out, const float *hprev, const float *saved, const int32_t *ccol_f,
                      const int32_t *row_f, const int32_t *perm_f, const float *val_f, const int32_t *ccol_r,
                      const int32_t *row_r, const int32_t *perm_r, const float *val_r, float *dgi, float *dgh,
-                     int threads) {
+                     float *bias_grad, int threads) {
     if (steps == 0) return 0;
     const int64_t W0 = padded(sizes[0]), H = hidden;
     const size_t bytes = (size_t)(2 * H * W0) * sizeof(float);
@@ -383,14 +390,18 @@ int sdm_gru_backward(int hidden, int steps, const int32_t *offsets, const int32_
         j->hprev = (float *)(hprev + d * H * ld), j->saved = (float *)(saved + d * 4 * H * ld); /* read only */
         j->ccol = d ? ccol_r : ccol_f, j->csc_row = d ? row_r : row_f, j->perm = d ? perm_r : perm_f;
         j->val = d ? val_r : val_f;
-        j->dgi = dgi + d * 3 * H * ld, j->dgh = dgh + d * 3 * H * ld;
+        j->dgi = dgi + d * 3 * H * ld, j->dgh = dgh + d * 3 * H * ld, j->bias_grad = bias_grad + d * 4 * H;
         j->width0 = W0;
         j->scratch = aligned_alloc(64, bytes);
+        j->sums = aligned_alloc(64, (size_t)(4 * H) * sizeof(vf));
+        if (j->sums) memset(j->sums, 0, (size_t)(4 * H) * sizeof(vf));
     }
-    int status = jobs[0].scratch == NULL || jobs[1].scratch == NULL;
+    int status = !jobs[0].scratch || !jobs[1].scratch || !jobs[0].sums || !jobs[1].sums;
     if (!status) status = run_pair(gru_backward_direction, jobs, threads);
-    free(jobs[0].scratch);
-    free(jobs[1].scratch);
+    for (int d = 0; d < 2; d++) {
+        free(jobs[d].scratch);
+        free(jobs[d].sums);
+    }
     return status;
 }
 
