@@ -1,7 +1,7 @@
 # sparse_dm — common tasks. PYTHON defaults to the project venv created by `make install`.
 PYTHON ?= .venv/bin/python
 
-.PHONY: install test lint train cost bench bench-bands bench-train-kernels sweep-demo study report clean
+.PHONY: install test lint train cost bench bench-bands bench-train-kernels sweep-demo study results report clean
 
 install:  ## create .venv and install sparse_dm with dev extras
 	python3 -m venv .venv
@@ -26,10 +26,17 @@ sweep-demo:  ## the CPU demo grid (static/rigl/magran x S x seeds, plus dense) a
 		hydra/launcher=local_parallel hydra.launcher.n_jobs=2 num_threads=1 method=dense sparsity=0
 	$(MAKE) report SWEEP=multirun/demo_cpu_kanjivg
 
-study:  ## issue 13: 9 arms x 3 seeds on KanjiVG (about 90 min on 2 cores), then its report in docs/study
-	WANDB_MODE=disabled $(PYTHON) -m sparse_dm.train -m --config-dir multirun_sweeps --config-name study_kanjivg_cpu \
-		hydra/launcher=local_parallel hydra.launcher.n_jobs=2 num_threads=1
-	$(PYTHON) -m sparse_dm.report --config-name study sweep_dir=multirun/study_kanjivg_cpu out=docs/study
+STUDY = WANDB_MODE=disabled $(PYTHON) -m sparse_dm.study n_jobs=2 num_threads=1
+SPECS = multirun_sweeps/study_specs
+
+study:  ## issue 23: every declared study (hours on 2 cores; resumable, finished runs are skipped), then results
+	$(STUDY) 'specs=[$(SPECS)/dst_schedule_s50.yaml,$(SPECS)/bands_fair.yaml]'
+	$(MAKE) results
+	$(STUDY) 'specs=[$(SPECS)/dst_schedule_s90.yaml]'  # refused until inputs.te_best is set from stage 1
+	$(MAKE) results
+
+results:  ## every study's contrasts.md and docs/results.md from the committed records (seconds)
+	$(PYTHON) -m sparse_dm.report --config-name study_results
 
 bench:  ## sparse vs dense: training step, mask update, DDIM sampling, file size (a few minutes)
 	$(PYTHON) -m benchmarks.suite

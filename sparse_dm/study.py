@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_dm.reporting.protocol import load_spec
+from sparse_dm.reporting.protocol import ProtocolError, load_spec
 from sparse_dm.reporting.study_runner import run_studies
 
 log = logging.getLogger(__name__)
@@ -26,9 +26,13 @@ def _paths(value: object) -> list[Path]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="study_run")
 def main(cfg: DictConfig) -> None:
-    specs = [load_spec(p) for p in _paths(cfg.specs)]
     parts = None if cfg.parts is None else [str(p) for p in cfg.parts]
-    outcomes = run_studies(specs, parts, int(cfg.n_jobs), int(cfg.num_threads), bool(cfg.dry_run))
+    try:
+        specs = [load_spec(p) for p in _paths(cfg.specs)]
+        outcomes = run_studies(specs, parts, int(cfg.n_jobs), int(cfg.num_threads), bool(cfg.dry_run))
+    except ProtocolError as err:  # a refused spec: the message names the key or steps; nothing ran
+        log.error("%s", err)
+        sys.exit(2)
     for o in outcomes:
         log.info("%-60s %-9s %s", o.job.name, o.status, o.detail)
     failed = [o for o in outcomes if o.status == "failed"]
