@@ -3,12 +3,17 @@
 1. Training step, sparse (SparseEngine, S=0.9, RigL) vs dense: ChiroDiff KanjiVG default and a small UNet.
 2. The whole mask update (explore + optimizer-state reset + exploration history + EMA re-mask, with
    the dense gradient present) and its share of training time amortised over the paper's Te.
-3. 50-step DDIM sampling of ChiroDiff KanjiVG, dense nn.Module vs the sparse inference form, at
-   S in {0.5, 0.75, 0.9, 0.95} with 1 and 2 threads (+ the largest sample difference).
+3. 50-step DDIM sampling of ChiroDiff KanjiVG, the dense nn.Module vs the sparse inference form as
+   `auto` chooses it (calibrated in this run, on this workload), at S in {0.5, 0.75, 0.9, 0.95} with
+   1 and 2 threads; at S = 0.9 also every fixed choice (each distinct form a fixed threshold_linear /
+   threshold_gru / gru_loop gives), so `auto` can be compared with the best of them. All forms of a
+   row group run in rounds, each form once per round in an order that rotates (and reverses every
+   other round); ratios are per round, reported as median and min-max, in wall and CPU time.
 4. File size: the dense state_dict vs the `.sdm` export.
 Every comparison is paired in one process; which side runs first alternates between pairs and the
-median of per-pair ratios is reported (the CPU is shared and noisy). Writes benchmarks/results.json
-and docs/benchmarks.md (generated from the JSON by `write_markdown`).
+median of per-pair ratios is reported (the CPU is shared and noisy). Every table names the machine:
+CPU model and the vector flags that matter, cores, compiler, torch and MKL, load averages. Writes
+benchmarks/results.json and docs/benchmarks.md (generated from the JSON by `write_markdown`).
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ import argparse
 import copy
 import io
 import json
+import os
 import platform
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,8 +39,10 @@ from torch import nn
 from sparse_dm import CONFIG_DIR
 from sparse_dm.data.stroke3 import load_stroke3_npz, resolve_data_path
 from sparse_dm.diffusion import NoiseSchedule, ddim_sample
-from sparse_dm.inference import gru_loops, inference_form, resolve_thresholds
+from sparse_dm.inference import calibrated_thresholds, gru_loops, inference_form, resolve_settings
 from sparse_dm.inference.config import default_inference_config
+from sparse_dm.inference.convert import candidate_forms
+from sparse_dm.kernels.build import find_compiler
 from sparse_dm.models.chirodiff import ChiroDiffNet
 from sparse_dm.models.ldm_unet import UNetModel
 from sparse_dm.run.sdm import pack_net
@@ -46,18 +56,23 @@ FULL = {
     "train_pairs": 120,
     "warmup": 3,
     "update_repeats": 5,
-    "ddim_pairs": 5,
+    "ddim_rounds": 7,
     "ddim_batch": 64,
     "ddim_steps": 50,
     "sparsities": [0.5, 0.75, 0.9, 0.95],
-    "torch_loop_sparsities": [0.9],  # extra rows with inference.gru_loop=torch (no C compiler)
+    "fixed_choice_sparsities": [0.9],  # also time every fixed choice (both GRU loops) at these
     "threads": [1, 2],
     "train_batch": None,  # None: the default dataset.batch_size (128)
-    "inference": {},  # conf/inference/default.yaml as is: thresholds measured on this machine (cached)
+    # conf/inference/default.yaml as is: `auto`, calibrated in this run (cache_dir None: a fresh folder)
+    "inference": {},
 }
-QUICK = {**FULL, "train_pairs": 2, "warmup": 1, "update_repeats": 1, "ddim_pairs": 1, "ddim_steps": 2,
-         "ddim_batch": 8, "sparsities": [0.9], "torch_loop_sparsities": [0.9], "threads": [1],
-         "train_batch": 8, "inference": {"threshold_linear": 1.0, "threshold_gru": 1.0}}  # fmt: skip
+QUICK = {**FULL, "train_pairs": 2, "warmup": 1, "update_repeats": 1, "ddim_rounds": 1, "ddim_steps": 2,
+         "ddim_batch": 8, "sparsities": [0.9], "threads": [1], "train_batch": 8,
+         "inference": {"threshold_linear": 1.0, "threshold_gru": 1.0}}  # fmt: skip
+# The CPU flags that decide which kernels run: the compiled loop's vector width (sse4_2 / avx2 + fma
+# / avx512f) and MKL's code paths.
+VECTOR_FLAGS = ("sse4_2", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                "amx_tile")  # fmt: skip
 TRAIN_SPARSITY = 0.9
 PAPER_TE = {"chirodiff": 800, "unet": 1100}  # the paper's Te per family
 
@@ -192,58 +207,196 @@ def measure_training(name: str, family: str, case, settings: dict) -> dict[str, 
 
 
 # ----- sampling ---------------------------------------------------------------------------------
-@torch.no_grad()
-def measure_sampling(
-    sparsity: float, threads: int, settings: dict, lengths_pool: torch.Tensor, gru_loop: str | None = None
-) -> dict:
-    torch.set_num_threads(threads)
+def machine_info() -> dict[str, Any]:
+    """The machine a figure was measured on: CPU model and vector flags, cores, compiler, torch, MKL."""
+    fields: dict[str, str] = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", fields.get("Features", "")).split())
+    compiler = find_compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
+    mkl = [line.strip(" -") for line in torch.__config__.show().splitlines() if "Math Kernel Library" in line]
+    return {
+        "cpu": fields.get("model name", f"{platform.machine()} {platform.processor()}".strip()),
+        "arch": platform.machine(),
+        "flags": [flag for flag in VECTOR_FLAGS if flag in flags],
+        "cores": os.cpu_count(),
+        "compiler": version.stdout.splitlines()[0] if version.stdout else compiler,
+        "torch": torch.__version__,
+        "mkl": mkl[0] if mkl else "none",
+    }
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    flags = " ".join(machine["flags"]) or "no vector flags listed"
+    return (
+        f"{machine['cpu']} ({machine['arch']}; {flags}), {machine['cores']} cores; "
+        f"compiler {machine['compiler']}; torch {machine['torch']}; {machine['mkl']}"
+    )
+
+
+def sampling_net(sparsity: float) -> tuple[ChiroDiffNet, NoiseSchedule]:
+    """The default ChiroDiff KanjiVG net with ERK masks at `sparsity`, and its noise schedule."""
     torch.manual_seed(0)
     cfg = compose_cfg(["experiment=chirodiff_kanjivg"]).model
     net = ChiroDiffNet(
         cfg.net.hidden_size, cfg.net.num_layers, cfg.net.time_embed_dim, cfg.net.time_freq_scale
     )
     SparseEngine(net, sparsity, distribution="erk")
-    net.eval()
-    loop = {} if gru_loop is None else {"gru_loop": gru_loop}
-    thresholds = resolve_thresholds({**default_inference_config(), **settings["inference"], **loop})
-    form, choices = inference_form(net, thresholds)
     schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps, cfg.diffusion.beta_start,
                              cfg.diffusion.beta_end)  # fmt: skip
+    return net.eval(), schedule
+
+
+def in_rounds(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Wall and CPU seconds of each fn, once per round; the order rotates by one each round and
+    reverses every other round, so no fn always runs first or right after the same one."""
+    names = list(fns)
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
+    for round_ in range(rounds):
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        for name in reversed(order) if round_ % 2 else order:
+            wall, cpu = time.perf_counter(), time.process_time()
+            fns[name]()
+            times[name]["cpu"].append(time.process_time() - cpu)
+            times[name]["wall"].append(time.perf_counter() - wall)
+    return times
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+@torch.no_grad()
+def measure_sampling(
+    sparsity: float, threads: int, settings: dict, lengths_pool: torch.Tensor, cache_dir: Path
+) -> dict[str, Any]:
+    """DDIM sampling with the dense net, `auto`'s form and (at fixed_choice_sparsities) every fixed
+    choice's form, in rounds; `auto` is calibrated here, on this batch and these lengths."""
+    torch.set_num_threads(threads)
+    net, schedule = sampling_net(sparsity)
     generator = torch.Generator().manual_seed(0)
     batch = settings["ddim_batch"]
     lengths = lengths_pool[torch.randint(0, len(lengths_pool), (batch,), generator=generator)]
     x_T = torch.randn(batch, int(lengths.max()), 3, generator=generator)
-    outputs = {}
 
-    def run(model: nn.Module, key: str) -> Callable[[], None]:
-        def sample() -> None:
-            outputs[key] = ddim_sample(
-                lambda x, t: model(x, t, lengths), x_T, schedule, settings["ddim_steps"]
-            )
+    def ddim(model: nn.Module, steps: int) -> torch.Tensor:
+        return ddim_sample(lambda x, t: model(x, t, lengths), x_T, schedule, steps)
 
-        return sample
-
-    dense_fn, sparse_fn = run(net, "dense"), run(form, "sparse")
-    paired(dense_fn, sparse_fn, 1)  # warm-up
-    dense_t, sparse_t = paired(dense_fn, sparse_fn, settings["ddim_pairs"])
+    config = {**default_inference_config(), "cache_dir": str(cache_dir), **settings["inference"]}
+    inference = resolve_settings(config)
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    if inference.fixed is None:
+        steps = inference.protocol.ddim_steps
+        calibration = calibrated_thresholds(net, inference, lambda form: ddim(form, steps))
+        thresholds, chosen = calibration.thresholds, calibration.record
+    else:
+        thresholds, chosen = inference.fixed, {"chosen": "fixed in the config", "speedup_vs_dense": []}
+    calibration_s = time.perf_counter() - start
+    forms: dict[str, tuple[nn.Module, str]] = {"dense": (net, "fixed: masked dense nn.Module")}
+    auto_form, _ = inference_form(net, thresholds)
+    forms["auto"] = (auto_form, f"auto: {chosen['chosen']}")
+    if sparsity in settings.get("fixed_choice_sparsities", []):
+        for loop in ("compiled", "torch"):
+            _, candidates = candidate_forms(net, None, resolve_settings({**config, "gru_loop": loop}))
+            for candidate in candidates:
+                label = f"fixed: {candidate.label}"
+                if label not in (described for _, described in forms.values()):
+                    forms[f"fixed {len(forms) - 1}"] = (candidate.form, label)
+    outputs: dict[str, torch.Tensor] = {}
+    steps = settings["ddim_steps"]
+    fns = {n: (lambda n=n, m=m: outputs.__setitem__(n, ddim(m, steps))) for n, (m, _) in forms.items()}
+    for fn in fns.values():  # warm-up: allocations, MKL handles, the packing caches
+        fn()
+    times = in_rounds(fns, settings["ddim_rounds"])
     valid = torch.arange(x_T.shape[1])[None, :] < lengths[:, None]
-    diff = (outputs["dense"] - outputs["sparse"]).abs()[valid].max()
+    rows = []
+    for name, (model, label) in forms.items():
+        ratios = [d / f for d, f in zip(times["dense"]["wall"], times[name]["wall"], strict=True)]
+        cpu_ratios = [d / f for d, f in zip(times["dense"]["cpu"], times[name]["cpu"], strict=True)]
+        rows.append({
+            "name": name,
+            "label": label,
+            "gru_loop": gru_loops(model),
+            "wall_s": spread(times[name]["wall"]),
+            "cpu_s": spread(times[name]["cpu"]),
+            "speedup": spread(ratios),
+            "cpu_speedup": spread(cpu_ratios),
+            "max_abs_diff": float((outputs["dense"] - outputs[name]).abs()[valid].max()),
+        })  # fmt: skip
+    fixed = [row for row in rows if row["name"].startswith("fixed ")]
+    best = max(fixed, key=lambda row: row["speedup"]["median"], default=None)
     return {
         "sparsity": sparsity,
         "threads": threads,
         "batch": batch,
-        "ddim_steps": settings["ddim_steps"],
-        "pairs": settings["ddim_pairs"],
-        "dense_s": statistics.median(dense_t),
-        "sparse_s": statistics.median(sparse_t),
-        "speedup": median_ratio(dense_t, sparse_t),
-        "max_abs_diff": float(diff),
+        "ddim_steps": steps,
+        "rounds": settings["ddim_rounds"],
+        "lengths": {"max": int(lengths.max()), "mean": float(lengths.float().mean())},
         "max_abs_sample": float(outputs["dense"].abs()[valid].max()),
-        "gru_loop": gru_loops(form),
-        "csr_matrices": sum(c.kernel == "csr" for c in choices),
-        "matrices": len(choices),
         "thresholds": {"linear": thresholds.linear, "gru": thresholds.gru},
-    }
+        "calibration": {**chosen, "wall_s": calibration_s},
+        "rows": rows,
+        "best_fixed": None if best is None else best["label"],
+        "auto_vs_best_fixed": None if best is None else spread([
+            b / a for b, a in zip(times[best["name"]]["wall"], times["auto"]["wall"], strict=True)]),
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+    }  # fmt: skip
+
+
+def ratio_cell(values: dict[str, float]) -> str:
+    return f"{values['median']:.2f}x ({values['min']:.2f}-{values['max']:.2f})"
+
+
+def sampling_tables(records: list[dict[str, Any]]) -> list[str]:
+    """The sampling section: `auto` vs dense per S and threads, then every fixed choice where timed."""
+    lines = [
+        "## DDIM sampling, ChiroDiff KanjiVG (bi-GRU 3x96): dense nn.Module vs the sparse inference form",
+        "",
+        "Speedup = dense time / the form's time, per round: median (min-max over rounds), wall clock; CPU =",
+        "the same in process CPU time (steadier on a shared machine; at 2 threads it also counts workers",
+        "spinning). `auto` is calibrated in the same run on the same batch and lengths (its own timing of",
+        "a few DDIM steps per candidate). Load avg = the 1-minute load average before / after the row.",
+        "",
+        "| S | threads | batch x steps | rounds | dense s | auto s | auto speedup | CPU | auto chose "
+        "| auto / best fixed | calibration s | load avg | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        rows = {row["name"]: row for row in r["rows"]}
+        dense, auto = rows["dense"], rows["auto"]
+        versus = "-" if r["auto_vs_best_fixed"] is None else ratio_cell(r["auto_vs_best_fixed"])
+        load = r["load_average"]
+        lines.append(
+            f"| {r['sparsity']} | {r['threads']} | {r['batch']} x {r['ddim_steps']} | {r['rounds']} | "
+            f"{dense['wall_s']['median']:.2f} | {auto['wall_s']['median']:.2f} | "
+            f"{ratio_cell(auto['speedup'])} | "
+            f"{ratio_cell(auto['cpu_speedup'])} | {auto['label'].removeprefix('auto: ')} | {versus} | "
+            f"{r['calibration']['wall_s']:.1f} | {load['before'][0]:.1f} / {load['after'][0]:.1f} | "
+            f"{auto['max_abs_diff']:.1e} |"
+        )
+    for r in records:
+        if r["best_fixed"] is None:
+            continue
+        lines += [
+            "",
+            f"### Every fixed choice, S = {r['sparsity']}, {r['threads']} thread(s)",
+            "",
+            f"Best fixed choice: {r['best_fixed'].removeprefix('fixed: ')}.",
+            "",
+            "| form | GRU | median s | speedup | CPU | max abs diff |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in r["rows"]:
+            lines.append(
+                f"| {row['label']} | {row['gru_loop'] or '-'} | {row['wall_s']['median']:.2f} | "
+                f"{ratio_cell(row['speedup'])} | {ratio_cell(row['cpu_speedup'])} | "
+                f"{row['max_abs_diff']:.1e} |"
+            )
+    return lines
 
 
 # ----- file size --------------------------------------------------------------------------------
@@ -311,7 +464,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
     lines = [
         "# Benchmarks (generated by `make bench` from benchmarks/results.json; do not edit)",
         "",
-        f"Machine: {results['machine']}. Paired in one process, order alternating, medians of ratios.",
+        f"Machine: {machine_line(results['machine'])}. Paired in one process, order alternating, medians of "
+        "ratios.",
         "",
         *training_table(results["training"], ms_digits=1),
     ]
@@ -323,26 +477,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         "update). Sparse bookkeeping = the work sparsity adds to every step, timed alone (gradient masks",
         "and weight re-mask, right after a backward), as a share of the dense step.",
         "",
-        "## DDIM sampling, ChiroDiff KanjiVG (bi-GRU 3x96): dense nn.Module vs sparse inference form",
-        "",
-        "| S | threads | batch | steps | GRU in the sparse form | dense s | sparse s | speedup "
-        "| CSR matrices | max abs diff |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results["sampling"]:
-        lines.append(
-            f"| {r['sparsity']} | {r['threads']} | {r['batch']} | {r['ddim_steps']} | {r['gru_loop']} | "
-            f"{r['dense_s']:.2f} | {r['sparse_s']:.2f} | {r['speedup']:.2f}x | "
-            f"{r['csr_matrices']}/{r['matrices']} | {r['max_abs_diff']:.1e} |"
-        )
-    lines += [
-        "",
-        "GRU in the sparse form: the CSR GRU with its compiled C loop (the default, `inference.gru_loop:",
-        "auto`), the same GRU in torch ops (`gru_loop: torch`, what runs without a C compiler), or the",
-        "dense nn.GRU, kept when the calibration finds the recurrent weights too dense for a CSR loop to win",
-        "(then the row shows the noise level).",
-    ]
-    lines += [
+        *sampling_tables(results["sampling"]),
         "",
         "## File size, ChiroDiff KanjiVG: dense state_dict vs `.sdm` export",
         "",
@@ -376,15 +511,15 @@ def run(settings: dict, out_json: Path, out_md: Path) -> dict[str, Any]:
     pool = torch.tensor(
         [len(d) for d in load_stroke3_npz(resolve_data_path(compose_cfg([]).dataset.path))["valid"]]
     )
-    sampling = [
-        measure_sampling(s, n, settings, pool, loop)
-        for n in settings["threads"]
-        for loop, sparsities in ((None, settings["sparsities"]), ("torch", settings["torch_loop_sparsities"]))
-        for s in sparsities
-    ]
+    with tempfile.TemporaryDirectory(prefix="sparse_dm_bench_cache_") as fresh:  # auto calibrates here
+        sampling = [
+            measure_sampling(s, n, settings, pool, Path(fresh))
+            for n in settings["threads"]
+            for s in settings["sparsities"]
+        ]
     torch.set_num_threads(threads_before)
     results = {
-        "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads max",
+        "machine": machine_info(),
         "settings": settings,
         "training": training,
         "sampling": sampling,

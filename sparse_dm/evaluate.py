@@ -75,7 +75,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module.to(device).eval()
     weights = module.sampling_cfg["weights"]
-    form = prepare(module, cfg.backend, weights, OmegaConf.to_container(cfg.inference, resolve=True))
+    inference_cfg = OmegaConf.to_container(cfg.inference, resolve=True)
+    form = prepare(module, cfg.backend, weights, inference_cfg, batch=int(cfg.batch_size))
     default_steps = int(run_cfg.model.sampling.steps)
     steps = int(cfg.sampling_steps or default_steps)
     identity = reference_identity(

@@ -67,7 +67,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         weights = cfg.weights or module.sampling_cfg["weights"]
         exported = weights
         out_dir = Path(cfg.out_dir) if cfg.out_dir else path.resolve().parent.parent / "samples"
-    form = prepare(module, cfg.backend, weights, inference_cfg)
+    form = prepare(module, cfg.backend, weights, inference_cfg, batch=int(cfg.num_samples))
     overrides = {} if cfg.steps is None else {"steps": int(cfg.steps)}
     generator = torch.Generator().manual_seed(int(cfg.seed))
     start = time.perf_counter()

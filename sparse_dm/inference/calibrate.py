@@ -1,11 +1,19 @@
-"""Where CSR starts to pay on this machine: density thresholds measured once, then cached.
+"""Which inference form runs `auto`: the model's own candidate forms timed on its sampling workload.
 
-Two thresholds, because the kernels differ: `linear` for a single CSR x dense matmul over many
-columns (input projections, Linear layers) and `gru` for a whole recurrent layer, whose per-step
-matmuls are small and overhead-bound. Each is the highest density on the protocol's grid (scanned
-upwards, stopping at the first loss) where the median of paired, order-alternating timing ratios
-favours CSR; 0 when CSR never wins. Results are cached per (torch, MKL, threads, CPU, protocol) in
-`<cache_dir>/calibration.json` (default `$XDG_CACHE_HOME/sparse_dm`, else `~/.cache/sparse_dm`).
+`threshold_linear` / `threshold_gru` set to `auto` are not measured on a proxy shape: every distinct
+form the fixed choices could give this model (threshold values at the densities where a matrix's
+kernel flips, see `convert.candidate_forms`) is timed running a few whole DDIM steps of the real
+workload - the sampling batch, the data's sequence lengths - against the all-dense form, in rounds
+whose order rotates. The candidate with the best median ratio wins (the all-dense form itself is a
+candidate, so `auto` is never slower than dense beyond timing noise). Why not a proxy: a one-layer
+GRU at a made-up shape, timed with its 385-row input packing inside the sparse side, kept `nn.GRU`
+on an Intel Xeon where the compiled loop samples the real model 2x faster (docs/benchmarks.md).
+
+The choice is cached in `<cache_dir>/calibration.json` (default `$XDG_CACHE_HOME/sparse_dm`, else
+`~/.cache/sparse_dm`) under a key naming everything it depends on: this method's version, torch,
+threads, the CPU (model and flags), the compiled kernel (its library is named by a hash of source,
+compiler, flags and CPU), the protocol, the model (parameter shapes and every matrix's density) and
+the workload (shapes and integer values, e.g. lengths, of the denoiser's inputs).
 """
 
 from __future__ import annotations
@@ -14,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -24,19 +31,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from sparse_dm.inference.compiled import KernelUnavailable, Recurrence, load_recurrence
-from sparse_dm.inference.kernels import matmul_into, to_csr
-from sparse_dm.inference.packing import pack_columns, paired_input
-from sparse_dm.inference.sparse_gru import SparseBiGRU
+from sparse_dm.kernels.build import cpu_identity
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "calibration.json"
-METHOD = 2  # bump when what is timed changes, so cached thresholds measured the old way are not reused
+METHOD = 3  # bump when what is timed changes, so choices measured the old way are not reused
 AUTO = "auto"
 GRU_LOOPS = (AUTO, "compiled", "torch")
+
+Workload = Callable[[nn.Module], object]  # runs a few DDIM steps of the sampling workload with a net
 
 
 @dataclass(frozen=True)
@@ -56,165 +62,89 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class CalibrationProtocol:
-    """What is timed (conf/inference/default.yaml `calibration`)."""
+    """How `auto` times its candidates (conf/inference/default.yaml `calibration`)."""
 
-    densities: tuple[float, ...]
-    repeats: int
+    rounds: int
     runs_per_sample: int
-    linear_shape: tuple[int, int, int]  # rows, inner, columns of W @ X
-    gru_shape: tuple[int, int, int, int]  # input size, hidden size, max length, batch
+    ddim_steps: int
+    linear_candidates: int
     seed: int
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> CalibrationProtocol:
-        densities = tuple(float(d) for d in cfg["densities"])
-        if not densities or any(not 0.0 < d <= 1.0 for d in densities):
-            raise ValueError(f"inference.calibration.densities must be in (0, 1], got {list(densities)}")
-        for key in ("repeats", "runs_per_sample"):
-            if int(cfg[key]) < 1:
+        values = {}
+        for key in ("rounds", "runs_per_sample", "ddim_steps", "linear_candidates", "seed"):
+            if key not in cfg:
+                raise ValueError(f"inference.calibration.{key} is missing")
+            values[key] = int(cfg[key])
+        for key in ("rounds", "runs_per_sample", "ddim_steps"):
+            if values[key] < 1:
                 raise ValueError(f"inference.calibration.{key} must be >= 1, got {cfg[key]}")
-        return cls(
-            densities=tuple(sorted(densities)),
-            repeats=int(cfg["repeats"]),
-            runs_per_sample=int(cfg["runs_per_sample"]),
-            linear_shape=tuple(int(v) for v in cfg["linear_shape"]),  # type: ignore[arg-type]
-            gru_shape=tuple(int(v) for v in cfg["gru_shape"]),  # type: ignore[arg-type]
-            seed=int(cfg["seed"]),
-        )
+        if values["linear_candidates"] < 2:
+            raise ValueError(
+                f"inference.calibration.linear_candidates must be >= 2 (0 and at least one density), "
+                f"got {cfg['linear_candidates']}"
+            )
+        return cls(**values)
 
 
-def best_time(fn: Callable[[], Any], runs: int) -> float:
-    """Fastest of `runs` calls after one untimed call: a shared CPU only ever adds time, so the
-    minimum filters preemption, and the first call after the other side ran pays for caches and
-    thread wake-ups a sampler running one side for many steps does not."""
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+@dataclass(frozen=True)
+class InferenceSettings:
+    """The `inference` config, checked: fixed thresholds (None where `auto`), the GRU loop that
+    runs (compiled or torch ops), how `auto` measures and where it caches."""
+
+    linear: float | None
+    gru: float | None
+    recurrence: Recurrence | None
+    protocol: CalibrationProtocol
+    cache_dir: Path
+
+    @property
+    def fixed(self) -> Thresholds | None:
+        """The thresholds when nothing is `auto`, else None (calibrate on the workload)."""
+        if self.linear is None or self.gru is None:
+            return None
+        return Thresholds(self.linear, self.gru, self.recurrence)
 
 
-def paired_speedup(
-    dense: Callable[[], Any], sparse: Callable[[], Any], protocol: CalibrationProtocol
-) -> float:
-    """Median of dense/sparse time ratios; which side runs first alternates between pairs."""
-    dense(), sparse()  # warm-up (allocations, MKL handles)
-    ratios = []
-    for i in range(protocol.repeats):
-        sides = (("dense", dense), ("sparse", sparse))[:: 1 if i % 2 == 0 else -1]
-        times = {name: best_time(fn, protocol.runs_per_sample) for name, fn in sides}
-        ratios.append(times["dense"] / times["sparse"])
-    return statistics.median(ratios)
+@dataclass(frozen=True)
+class Calibration:
+    """What `auto` chose: the thresholds and the record it cached (the chosen form's label and every
+    candidate's speedup over the all-dense form: median, min and max over rounds); `measured` is
+    False when the record was read from the cache."""
+
+    thresholds: Thresholds
+    record: dict[str, Any]
+    measured: bool
 
 
-def random_sparse(shape: tuple[int, ...], density: float, generator: torch.Generator) -> torch.Tensor:
-    values = torch.randn(shape, generator=generator)
-    return values * (torch.rand(shape, generator=generator) < density)
+@dataclass(frozen=True)
+class Candidate:
+    """One form `auto` may choose: the thresholds that build it, the form, what it runs (`label`)
+    and `signature`, its matrices' names, densities and kernels plus its GRU loop (equal signatures
+    are the same form)."""
 
-
-def linear_speedup(protocol: CalibrationProtocol, density: float, generator: torch.Generator) -> float:
-    rows, inner, columns = protocol.linear_shape
-    weight = random_sparse((rows, inner), density, generator)
-    csr = to_csr(weight)
-    x = torch.randn(inner, columns, generator=generator)
-    out = torch.empty(rows, columns)
-    return paired_speedup(lambda: matmul_into(weight, x, out), lambda: matmul_into(csr, x, out), protocol)
-
-
-@torch.no_grad()
-def gru_speedup(
-    protocol: CalibrationProtocol, density: float, generator: torch.Generator, recurrence: Recurrence | None
-) -> float:
-    inputs, hidden, length, batch = protocol.gru_shape
-    gru = nn.GRU(inputs, hidden, batch_first=True, bidirectional=True)
-    for name, param in gru.named_parameters():
-        if name.startswith("weight"):
-            param.copy_(random_sparse(tuple(param.shape), density, generator))
-    sparse_gru = SparseBiGRU(gru, [True], [True], recurrence)
-    x = torch.randn(batch, length, inputs, generator=generator)
-    lengths = torch.randint(length // 2, length + 1, (batch,), generator=generator)
-    lengths[0] = length
-
-    def dense() -> None:
-        gru(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
-
-    columns = pack_columns(lengths, batch, length, sparse_gru.lanes)  # a sampler packs once, not per step
-
-    def sparse() -> None:
-        sparse_gru(paired_input(x, columns), columns)
-
-    return paired_speedup(dense, sparse, protocol)
-
-
-def crossover(speedups: dict[float, float]) -> float:
-    """Highest density, scanning upwards, before CSR first stops winning (0: it never wins)."""
-    best = 0.0
-    for density in sorted(speedups):
-        if speedups[density] <= 1.0:
-            break
-        best = density
-    return best
-
-
-def measure_thresholds(
-    protocol: CalibrationProtocol, recurrence: Recurrence | None
-) -> tuple[Thresholds, dict[str, dict[float, float]]]:
-    generator = torch.Generator().manual_seed(protocol.seed)
-    speedups = {
-        "linear": {d: linear_speedup(protocol, d, generator) for d in protocol.densities},
-        "gru": {d: gru_speedup(protocol, d, generator, recurrence) for d in protocol.densities},
-    }
-    thresholds = Thresholds(crossover(speedups["linear"]), crossover(speedups["gru"]), recurrence)
-    return thresholds, speedups
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sparse_dm"
-
-
-def machine_key(protocol: CalibrationProtocol, gru_loop: str) -> str:
-    """Everything a measured threshold depends on."""
-    digest = hashlib.sha256(json.dumps(asdict(protocol), sort_keys=True).encode()).hexdigest()[:12]
-    cpu = platform.processor() or platform.machine()
-    return (
-        f"torch={torch.__version__}|threads={torch.get_num_threads()}|cpu={cpu}|gru_loop={gru_loop}"
-        f"|protocol={digest}|method={METHOD}"
-    )
-
-
-def cached_thresholds(
-    protocol: CalibrationProtocol, recurrence: Recurrence | None, cache_dir: Path | None = None
-) -> Thresholds:
-    """Measured thresholds for this machine and GRU loop, from the cache file or measured now (and
-    cached)."""
-    path = (cache_dir or default_cache_dir()) / CACHE_FILE
-    cache: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    key = machine_key(protocol, Thresholds(0.0, 0.0, recurrence).gru_loop)
-    if key in cache:
-        return Thresholds(**cache[key]["thresholds"], recurrence=recurrence)
-    log.info("calibrating CSR vs dense on this machine (cached in %s)", path)
-    thresholds, speedups = measure_thresholds(protocol, recurrence)
-    cache[key] = {
-        "thresholds": {"linear": thresholds.linear, "gru": thresholds.gru},
-        "speedup_by_density": {kind: {str(d): s for d, s in v.items()} for kind, v in speedups.items()},
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cache, indent=2))
-    log.info("CSR thresholds: linear <= %.2f, gru <= %.2f", thresholds.linear, thresholds.gru)
-    return thresholds
+    thresholds: Thresholds
+    form: nn.Module
+    label: str
+    signature: str
 
 
 def _fixed_threshold(value: Any, key: str) -> float | None:
     if value == AUTO:
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
     if not 0.0 <= number <= 1.0:
         raise ValueError(f"{key} must be '{AUTO}' or a density in [0, 1], got {value!r}")
     return number
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sparse_dm"
 
 
 def resolve_recurrence(gru_loop: str, cache_dir: Path) -> Recurrence | None:
@@ -234,16 +164,154 @@ def resolve_recurrence(gru_loop: str, cache_dir: Path) -> Recurrence | None:
         return None
 
 
-def resolve_thresholds(cfg: Mapping[str, Any]) -> Thresholds:
-    """`inference` config -> thresholds and GRU loop: fixed numbers as given, 'auto' measured
-    (cached) with the loop that will run."""
+def resolve_settings(cfg: Mapping[str, Any]) -> InferenceSettings:
+    """The `inference` config group -> InferenceSettings (invalid values refused, naming the key)."""
     linear = _fixed_threshold(cfg["threshold_linear"], "inference.threshold_linear")
     gru = _fixed_threshold(cfg["threshold_gru"], "inference.threshold_gru")
     cache_dir = Path(cfg["cache_dir"]).expanduser() if cfg.get("cache_dir") else default_cache_dir()
+    protocol = CalibrationProtocol.from_mapping(cfg["calibration"])
     recurrence = resolve_recurrence(str(cfg.get("gru_loop", AUTO)), cache_dir)
-    if linear is None or gru is None:
-        protocol = CalibrationProtocol.from_mapping(cfg["calibration"])
-        measured = cached_thresholds(protocol, recurrence, cache_dir)
-        linear = measured.linear if linear is None else linear
-        gru = measured.gru if gru is None else gru
-    return Thresholds(linear, gru, recurrence)
+    return InferenceSettings(linear, gru, recurrence, protocol, cache_dir)
+
+
+def best_time(fn: Callable[[], Any], runs: int) -> float:
+    """Fastest of `runs` calls after one untimed call: a shared CPU only ever adds time, so the
+    minimum filters preemption, and the first call after another candidate ran pays for caches and
+    thread wake-ups a sampler running one form for many steps does not."""
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def time_candidates(
+    forms: list[nn.Module], workload: Workload, protocol: CalibrationProtocol
+) -> list[list[float]]:
+    """Per form after the first (the reference), its time ratios reference / form, one per round it
+    ran. Every round times the reference and every form still in the race; the order rotates by one
+    each round and reverses every other round, so no form always runs right after the same one.
+    From the second round on, a form whose best ratio is below the worst ratio of the leader (the
+    best median; the reference, ratio 1, while no median exceeds 1) leaves the race: no round saw it
+    as fast as the leader."""
+    ratios: list[list[float]] = [[] for _ in forms[1:]]
+    racing = list(range(len(forms)))
+    for round_ in range(protocol.rounds):
+        order = racing[round_ % len(racing) :] + racing[: round_ % len(racing)]
+        if round_ % 2:
+            order.reverse()
+        times = {i: best_time(lambda form=forms[i]: workload(form), protocol.runs_per_sample) for i in order}
+        for i in racing[1:]:
+            ratios[i - 1].append(times[0] / times[i])
+        if round_ >= 1:
+            medians = {i: statistics.median(ratios[i - 1]) for i in racing[1:]}
+            best = max(medians, key=medians.__getitem__, default=None)
+            # the reference's ratio is 1 in every round: it leads while no median beats 1
+            floor = 1.0 if best is None or medians[best] < 1.0 else min(ratios[best - 1])
+            racing = [0] + [i for i in racing[1:] if max(ratios[i - 1]) >= floor]
+    return ratios
+
+
+def call_signature(net: nn.Module, workload: Workload) -> str:
+    """What the denoiser is called with in `workload`: every call's tensor shapes and dtypes, and the
+    values of its integer tensors (lengths, timesteps, labels); float values (noise) are left out."""
+    calls: list[list[str]] = []
+
+    def describe(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            if value.dtype.is_floating_point:
+                return f"{value.dtype}{tuple(value.shape)}"
+            return f"{value.dtype}{tuple(value.shape)}={value.tolist()}"
+        return repr(value)
+
+    def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append([describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in sorted(kwargs.items())])
+
+    handle = net.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        workload(net)
+    finally:
+        handle.remove()
+    if not calls:
+        raise ValueError("the calibration workload never called the net")
+    return json.dumps(calls)
+
+
+def machine_key(settings: InferenceSettings) -> str:
+    """Everything about this machine and build a timing depends on."""
+    cpu = hashlib.sha256(cpu_identity().encode()).hexdigest()[:12]
+    loop = Thresholds(0.0, 0.0, settings.recurrence).gru_loop
+    threads = torch.get_num_threads()
+    return f"torch={torch.__version__}|threads={threads}|cpu={cpu}|gru_loop={loop}|method={METHOD}"
+
+
+def calibration_key(
+    settings: InferenceSettings, reference: Candidate, candidates: list[Candidate], model: str, workload: str
+) -> str:
+    parts = {
+        "protocol": asdict(settings.protocol),
+        "fixed": [settings.linear, settings.gru],
+        "model": model,
+        "forms": [reference.signature, *(c.signature for c in candidates)],
+        "workload": workload,
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{machine_key(settings)}|forms={digest}"
+
+
+def calibrate(
+    reference: Candidate,
+    candidates: list[Candidate],
+    workload: Workload,
+    model: str,
+    settings: InferenceSettings,
+) -> Calibration:
+    """The thresholds of the fastest candidate on `workload` (cached; see the module docstring).
+    `reference` is the all-dense form every ratio is taken against; `model` names the model's
+    parameter shapes and masks (part of the cache key)."""
+    if not candidates:
+        raise ValueError("no candidate forms to calibrate")
+    path = settings.cache_dir / CACHE_FILE
+    cache: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    key = calibration_key(settings, reference, candidates, model, call_signature(reference.form, workload))
+    if key in cache:
+        chosen = cache[key]["thresholds"]
+        thresholds = Thresholds(chosen["linear"], chosen["gru"], settings.recurrence)
+        return Calibration(thresholds, cache[key], measured=False)
+    log.info("calibrating %d candidate forms on the sampling workload (cached in %s)", len(candidates), path)
+    distinct = [c for c in candidates if c.signature != reference.signature]
+    start = time.perf_counter()
+    measured = time_candidates([reference.form, *(c.form for c in distinct)], workload, settings.protocol)
+    ratios = dict(zip((c.signature for c in distinct), measured, strict=True))
+    table = []
+    for candidate in candidates:
+        mine = ratios.get(candidate.signature, [1.0])  # the reference itself: 1 by definition
+        table.append({
+            "label": candidate.label,
+            "thresholds": {"linear": candidate.thresholds.linear, "gru": candidate.thresholds.gru},
+            "speedup_median": statistics.median(mine),
+            "speedup_min": min(mine),
+            "speedup_max": max(mine),
+        })  # fmt: skip
+    best = max(range(len(candidates)), key=lambda i: table[i]["speedup_median"])
+    for row in table:
+        log.info("calibration: %.2fx (%.2f-%.2f) %s", row["speedup_median"], row["speedup_min"],
+                 row["speedup_max"], row["label"])  # fmt: skip
+    log.info("calibration chose %s (%.1f s)", candidates[best].label, time.perf_counter() - start)
+    record = {
+        "thresholds": table[best]["thresholds"],
+        "chosen": candidates[best].label,
+        "speedup_vs_dense": table,
+        "seconds": time.perf_counter() - start,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    cache = json.loads(path.read_text()) if path.is_file() else {}  # another process may have written
+    cache[key] = record
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(cache, indent=2))
+    partial.replace(path)  # atomic: a concurrent reader never sees half a file
+    thresholds = Thresholds(**table[best]["thresholds"], recurrence=settings.recurrence)
+    return Calibration(thresholds, record, measured=True)

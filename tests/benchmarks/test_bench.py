@@ -19,13 +19,14 @@ def test_quick_bench_writes_json_and_matching_markdown(tmp_path):
         assert f"{record['mask_update_ms']:.1f}" in markdown
         assert 0 < record["bookkeeping_ms"] < record["dense_ms"]
         assert f"{record['bookkeeping_ms']:.2f} ms" in markdown
-    default_loop, torch_loop = results["sampling"]
-    assert torch_loop["gru_loop"] == "torch ops" and default_loop["gru_loop"] != "nn.GRU"
-    for sampled in (default_loop, torch_loop):
-        assert sampled["max_abs_diff"] < 1e-3 * max(1.0, sampled["max_abs_sample"])  # same samples
-        assert (
-            f"| {sampled['gru_loop']} | {sampled['dense_s']:.2f} | {sampled['sparse_s']:.2f} | " in markdown
-        )
+    (sampled,) = results["sampling"]  # S = 0.9: dense, auto and every fixed choice, both GRU loops
+    rows = {row["name"]: row for row in sampled["rows"]}
+    assert rows["dense"]["gru_loop"] == "nn.GRU" and rows["auto"]["gru_loop"] != "nn.GRU"
+    assert "torch ops" in {row["gru_loop"] for row in sampled["rows"]}
+    for row in sampled["rows"]:
+        assert row["max_abs_diff"] < 1e-3 * max(1.0, sampled["max_abs_sample"])  # same samples
+        assert f"| {row['label']} | {row['gru_loop']} | {row['wall_s']['median']:.2f} | " in markdown
+    assert f"Machine: {results['machine']['cpu']} (" in markdown
     (size,) = results["size"]
     assert size["export_bytes"] < 0.25 * size["dense_state_dict_bytes"]  # S=0.9
 

@@ -1,5 +1,6 @@
-"""The compiled GRU loop: equal to nn.GRU on awkward shapes and thread counts, its padded column
-layout, how it is built and cached, and what happens when it cannot be."""
+"""The compiled GRU loop: equal to nn.GRU on awkward shapes, thread counts and instruction sets
+(builds for baseline x86-64 levels too), its padded column layout, how it is built and cached, and
+what happens when it cannot be."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import logging
 
 import pytest
 import torch
-from helpers.compiled_loop import recurrence_for
+from helpers.compiled_loop import X86_LANES, X86_LEVELS, cpu_flags, recurrence_for, recurrence_for_level
 from helpers.tolerance import assert_close_computed, reductions
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from sparse_dm.inference import Thresholds, compiled
-from sparse_dm.inference.calibrate import resolve_recurrence, resolve_thresholds
+from sparse_dm.inference.calibrate import resolve_recurrence, resolve_settings
 from sparse_dm.inference.compiled import KernelUnavailable, load_recurrence
 from sparse_dm.inference.config import default_inference_config
 from sparse_dm.inference.convert import inference_form
@@ -20,19 +22,75 @@ from sparse_dm.inference.packing import pack_columns, paired_input
 from sparse_dm.inference.sparse_gru import SparseBiGRU
 from sparse_dm.kernels import build as kernel_build
 from sparse_dm.models.chirodiff import ChiroDiffNet
-from tests.inference.test_inference import assert_bigru_matches, bigru_case
+from tests.inference.test_inference import bigru_case
+
+# The loop vs nn.GRU, per gate pre-activation a = sum_k w_k h_k + b (n terms), as Higham's bound
+# (helpers.tolerance) sees it. nn.GRU's error is <= gamma_n S, S = sum|w_k h_k| + |b| <= the
+# `reductions` scale (|h| < 1). The loop sums the same terms refolded onto the shifted state
+# u = (h + 1) / 2 in [0, 1]: sum_k 2 w_k u_k + (b - sum_k w_k), each |term| summing to <= 3 S, and
+# the folded bias was itself rounded once (<= gamma_n S), so its error is <= 4 gamma_n S: together
+# 5 gamma_n S = float_bound(n, SHIFTED_SCALE * S). Its elementwise part per step and layer - three
+# logistic functions (exp < 2 ulp, one add, one divide), tanh as 2 s(2a) - 1, the lerp - moves a
+# state by a few u against torch's 1-ulp sigmoid and tanh (an r or z error times |W_n h| <= S adds
+# u S); ELEMENTWISE_TERMS extra terms per step and layer bound it as part of the chain.
+SHIFTED_SCALE = 2.5
+ELEMENTWISE_TERMS = 8
+LOOP_VS_GRU = "compiled loop vs nn.GRU: same terms on the shifted state, another order, own exp"
+
+
+def assert_loop_matches_nn_gru(
+    reference: nn.GRU, form: SparseBiGRU, x: torch.Tensor, lengths: torch.Tensor
+) -> None:
+    batch, max_len, _ = x.shape
+    with torch.no_grad():
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        (states, _), chain = reductions(reference, packed)
+        expected, _ = pad_packed_sequence(states, batch_first=True, total_length=max_len)
+        columns = pack_columns(lengths, batch, max_len, form.lanes)
+        got = form.unpack(form(paired_input(x, columns), columns), columns)
+    length = chain.length + ELEMENTWISE_TERMS * int(lengths.max()) * reference.num_layers
+    scale = SHIFTED_SCALE * chain.scale
+    assert_close_computed(got, expected, reduction_length=length, scale=scale, why=LOOP_VS_GRU)
+
+
+def run_on_threads(threads: int, fn) -> None:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fn()
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_wide_batches_and_odd_hidden_sizes_match_nn_gru(threads):
     """130 sequences: steps of more than 64 columns (several vector groups per row) and partial
     vectors; hidden 20 is no multiple of the vector length."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        assert_bigru_matches(*bigru_case("compiled", True, hidden=20, batch=130, max_len=12, seed=3))
-    finally:
-        torch.set_num_threads(previous)
+    case = bigru_case("compiled", True, hidden=20, batch=130, max_len=12, seed=3)
+    run_on_threads(threads, lambda: assert_loop_matches_nn_gru(*case))
+
+
+def expected_lanes() -> int:
+    """The lanes the kernel should pick for this CPU: its widest float vectors."""
+    flags = cpu_flags()
+    return 16 if "avx512f" in flags else 8 if "avx" in flags else 4
+
+
+@pytest.mark.parametrize("level", sorted(X86_LEVELS))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_builds_for_baseline_x86_levels_match_nn_gru(level, threads):
+    """The same source built for x86-64-v2 (SSE4.2, no FMA: 4 lanes) and x86-64-v3 (AVX2 + FMA: 8
+    lanes) gives nn.GRU's results within the same bound as the -march=native build: nothing in it
+    depends on one instruction set or one vector width."""
+    recurrence = recurrence_for_level(level)
+    assert recurrence.lanes == X86_LANES[level]
+    reference, _, x, lengths = bigru_case("compiled", True, hidden=20, batch=130, max_len=12, seed=3)
+    form = SparseBiGRU(reference, [True] * 3, [True] * 3, recurrence)
+    run_on_threads(threads, lambda: assert_loop_matches_nn_gru(reference, form, x, lengths))
+
+
+def test_the_native_build_uses_this_cpus_widest_vectors():
+    assert recurrence_for("compiled").lanes == expected_lanes()
 
 
 def test_both_directions_are_computed_the_same_on_one_or_two_threads():
@@ -119,7 +177,7 @@ def test_no_compiler_auto_warns_and_falls_back_compiled_refuses(tmp_path, monkey
     with pytest.raises(KernelUnavailable, match=r"inference.gru_loop=compiled: no C compiler"):
         resolve_recurrence("compiled", tmp_path / "compiled")
     with pytest.raises(ValueError, match=r"inference.gru_loop must be one of"):
-        resolve_thresholds({**default_inference_config(), "threshold_linear": 1.0, "threshold_gru": 1.0,
+        resolve_settings({**default_inference_config(), "threshold_linear": 1.0, "threshold_gru": 1.0,
                             "gru_loop": "fast"})  # fmt: skip
 
 
@@ -141,12 +199,7 @@ def test_the_pthreads_build_matches_nn_gru_on_two_threads(tmp_path, monkeypatch)
     assert recurrence.threading == "pthreads"
     reference, _, x, lengths = bigru_case("compiled", True, hidden=12, batch=70, max_len=9, seed=5)
     form = SparseBiGRU(reference, [True] * 3, [True] * 3, recurrence)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        assert_bigru_matches(reference, form, x, lengths)
-    finally:
-        torch.set_num_threads(previous)
+    run_on_threads(2, lambda: assert_loop_matches_nn_gru(reference, form, x, lengths))
 
 
 def test_an_unwritable_cache_is_reported_not_raised_raw(tmp_path):

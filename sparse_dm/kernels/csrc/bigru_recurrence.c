@@ -28,7 +28,7 @@
  * Only GCC/Clang vector extensions are used (no intrinsics), so it builds for any target the
  * compiler supports; -march picks the instructions and LANES follows the target's vector registers:
  * a vector type wider than the registers is lowered through memory (measured: 16 lanes built for
- * AVX2 ran 12x slower than 8 lanes).
+ * AVX2 ran 8x slower than 8 lanes).
  */
 #include <stdint.h>
 #include <stdlib.h>
