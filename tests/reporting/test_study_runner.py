@@ -4,6 +4,8 @@ runs nothing, failures are reported with their log; and one real tiny run throug
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -147,3 +149,17 @@ def test_one_real_tiny_run_through_the_training_command(tmp_path):
     assert "val/loss_raw" in summary["metrics"]
     assert "val/loss_raw" in (job.record_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert yaml.safe_load((job.record_dir / "config.yaml").read_text())["update_interval"] == 2
+
+
+def test_cli_lists_planned_runs_and_refuses_a_violating_spec_with_exit_2(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    good = spec_at(tmp_path / "good")
+    cmd = [sys.executable, "-m", "sparse_dm.study", f"specs={good.path}", "dry_run=true"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count(" planned ") + done.stderr.count(" planned ") == 4
+    bad = spec_at(tmp_path / "bad", recovery_window=3)
+    cmd = [sys.executable, "-m", "sparse_dm.study", f"specs={bad.path}"]
+    refused = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
+    assert refused.returncode == 2
+    assert "refused before any run" in refused.stdout + refused.stderr and not bad.runs_dir.exists()
