@@ -9,12 +9,15 @@ in the usual format (state_dict hooks), the optimizer state is translated here (
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from sparse_dm.models.chirodiff import ChiroDiffNet
+from sparse_dm.sparse_backend.chirodiff import forward_columns
 from sparse_dm.sparse_backend.compiled import TrainKernels
 from sparse_dm.sparse_backend.engine_bridge import CompactSparseStep, compact_ema, rebind
 from sparse_dm.sparse_backend.gru import SparseBiGRU
@@ -62,6 +65,14 @@ class SparseBackend:
         self.layers: list[CompactLayer] = list(converted.values())
         self.ema = compact_ema(ema, net, self.layers)
         self.step = CompactSparseStep(net, self.ema, engine, self.layers)
+        # The denoiser call: a ChiroDiffNet whose GRU runs the compiled kernels keeps its activations
+        # in the GRU's packed feature-major columns end to end (no padded steps, no transposes); its eps
+        # is 0 at padded positions, which every loss masks and sampling cuts off. Else net.forward.
+        self.forward: Callable[..., Tensor] = net
+        self.forward_name = f"{type(net).__name__}.forward"
+        if isinstance(net, ChiroDiffNet) and isinstance(net.gru, SparseBiGRU) and kernels is not None:
+            self.forward = partial(forward_columns, net)
+            self.forward_name = "sparse_backend.chirodiff.forward_columns (packed feature-major columns)"
 
     @property
     def compact_names(self) -> list[str]:
@@ -120,6 +131,7 @@ class SparseBackend:
                 "threading": self.kernels.threading,
                 "lanes": self.kernels.lanes,
             },
+            "forward": self.forward_name,
             "dense_grad_steps": self.step.dense_grad_steps,
             "memory": self.memory(optimizer),
         }

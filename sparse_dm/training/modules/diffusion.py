@@ -136,7 +136,9 @@ class DiffusionModule(L.LightningModule):
     @property
     def denoiser(self) -> Callable[..., Tensor]:
         """What families call instead of `self.net(x_t, t, ...)`: the net itself, or the net routed
-        through the timestep-band masks."""
+        through the timestep-band masks, or backend=sparse's call of the compact net."""
+        if self.sparse_backend is not None:
+            return self.sparse_backend.forward
         return self.net if self.timestep_bands is None else self.timestep_bands
 
     @contextmanager
