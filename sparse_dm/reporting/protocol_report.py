@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from sparse_dm.reporting.contrasts import Estimate, estimate, holm, verdict, welch_from_stats
 from sparse_dm.reporting.plots import DPI, FIGSIZE
 from sparse_dm.reporting.protocol import (
+    EXECUTION_KEYS,
     ArmSchedule,
     ContrastSpec,
     FigureSpec,
@@ -98,7 +99,8 @@ def _config_drift(spec: StudySpec, arm: str, record: DictConfig) -> list[str]:
         return [f"(cannot compose the arm now: {err})"]
     now = _flat(OmegaConf.to_container(current, resolve=True))
     then = _flat(OmegaConf.to_container(record, resolve=True))
-    return sorted(k for k in set(now) | set(then) if now.get(k, ABSENT) != then.get(k, ABSENT))
+    keys = (set(now) | set(then)) - set(EXECUTION_KEYS)
+    return sorted(k for k in keys if now.get(k, ABSENT) != then.get(k, ABSENT))
 
 
 def load_committed(spec: StudySpec) -> dict[str, ArmData]:

@@ -3,6 +3,7 @@ runs nothing, failures are reported with their log; and one real tiny run throug
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from sparse_dm.reporting.protocol import ProtocolError, load_spec
+from sparse_dm.reporting.protocol_report import make_protocol_report
 from sparse_dm.reporting.study_runner import (
     RECORD_FILES,
     Job,
@@ -149,6 +151,10 @@ def test_one_real_tiny_run_through_the_training_command(tmp_path):
     assert "val/loss_raw" in summary["metrics"]
     assert "val/loss_raw" in (job.record_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert yaml.safe_load((job.record_dir / "config.yaml").read_text())["update_interval"] == 2
+    # the report reads the record, and finds its config equal to what the spec composes today
+    make_protocol_report(spec)
+    arms = {r["name"]: r for r in csv.DictReader((spec.out / "arms.csv").open())}
+    assert arms["rigl"]["runs"] == "1 of 2" and arms["rigl"]["config drift"] == ""
 
 
 def test_cli_lists_planned_runs_and_refuses_a_violating_spec_with_exit_2(tmp_path):
