@@ -69,7 +69,7 @@ class ArmData:
     summaries: dict[int, dict[str, Any]] = field(default_factory=dict)
     schedules: dict[int, ArmSchedule] = field(default_factory=dict)  # from each run's config.yaml
     csv_row: dict[str, str] | None = None
-    composed: ArmSchedule | None = None  # from the spec as it stands (per-arm CSV studies; config drift)
+    composed: ArmSchedule | None = None  # per-arm CSV studies: from the spec as it stands
     config_drift: list[str] = field(default_factory=list)
 
 
