@@ -10,8 +10,10 @@ from __future__ import annotations
 import ast
 import re
 import runpy
+import shlex
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +37,8 @@ class Block:
     lang: str
     text: str
     section: str  # the nearest "## " heading above it ("" before the first)
-    file: str | None  # the file name of a "File `name`:" line right above it
+    lead: str  # the non-blank line right above it
+    file: str | None  # the file name of a "File `name`:" lead
 
 
 def blocks(path: Path) -> list[Block]:
@@ -61,9 +64,29 @@ def blocks(path: Path) -> list[Block]:
             i += 1
         named = FILE_LINE.search(previous)
         name = named.group(1) if named else None
-        found.append(Block(fence.group(2), "\n".join(body) + "\n", section, name))
+        found.append(Block(fence.group(2), "\n".join(body) + "\n", section, previous, name))
         previous, i = "", i + 1
     return found
+
+
+def table_rows(path: Path, section: str | None = None) -> list[dict[str, str]]:
+    """The body rows of the markdown tables of a file (of one "## " section), each as {header: cell}."""
+    rows: list[dict[str, str]] = []
+    header: list[str] | None = None
+    current = ""
+    for line in path.read_text().splitlines():
+        heading = HEADING.match(line)
+        if heading and len(heading.group(1)) == 2:
+            current = heading.group(2)
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif not set("".join(cells)) <= set("-: ") and (section is None or current == section):
+            rows.append(dict(zip(header, cells, strict=True)))
+    return rows
 
 
 def command_lines(text: str) -> list[str]:
@@ -71,9 +94,28 @@ def command_lines(text: str) -> list[str]:
     return [line.strip() for line in text.replace("\\\n", " ").splitlines() if line.strip()]
 
 
+def simple_commands(line: str) -> list[list[str]]:
+    """The simple commands of a line joined by `&&` (shlex words, comments dropped); other control
+    operators (`;`, `|`, redirections) are refused: docs commands stay copy-pasteable one by one."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token == "&&":
+            commands.append([])
+        elif token and set(token) <= set(lexer.punctuation_chars):
+            raise ValueError(f"{line!r}: {token!r} is not allowed in a docs command (one command, or a && b)")
+        else:
+            commands[-1].append(token)
+    return [c for c in commands if c]
+
+
 def shell_words(line: str) -> list[str]:
-    """The argv bash makes of a command line: quotes, brace expansion, variables and comments as in a
-    terminal (pathname expansion off, so the result does not depend on the current folder)."""
+    """The argv bash makes of one simple command: quotes, brace expansion, variables and comments as in
+    a terminal (pathname expansion off, so the result does not depend on the current folder). The line
+    is parsed by bash's `set --`, never executed, so it must be one simple command."""
+    if len(simple_commands(line)) != 1 or "$(" in line or "`" in line:
+        raise ValueError(f"{line!r} is not one simple command without command substitution")
     script = 'set -f; eval "set -- $1"; printf "%s\\0" "$@"'
     out = subprocess.run(["bash", "-c", script, "_", line], capture_output=True, text=True, check=True)
     return out.stdout.split("\0")[:-1]
@@ -138,7 +180,10 @@ def run_python(argv: list[str], cwd: Path) -> None:
         raise ValueError(f"not a python command line: {argv}")
     GlobalHydra.instance().clear()
     if argv[1] == "-m":
-        with _argv_and_path([argv[2], *argv[3:]], cwd):
+        with _argv_and_path([argv[2], *argv[3:]], cwd), warnings.catch_warnings():
+            # runpy notes that the command module was imported before (by an earlier test): harmless,
+            # its code runs again as __main__ exactly as `python -m` would run it.
+            warnings.filterwarnings("ignore", "'sparse_dm.* found in sys.modules", RuntimeWarning)
             runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
     else:
         script = cwd / argv[1]
