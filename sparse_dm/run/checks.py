@@ -225,6 +225,14 @@ def validate(cfg: DictConfig) -> None:
     )
     _check(cfg, "model.scale_lr", lambda v: isinstance(v, bool), "true or false", optional=True)
     _check(cfg, "model.sampling.num_samples", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+    _check(
+        cfg,
+        "model.validation.band_boundaries",
+        lambda v: len(v) >= 1 and all(_is_int(b) for b in v) and list(v) == sorted(set(v))
+        and v[0] > 0 and v[-1] < int(_get(cfg, "model.diffusion.num_timesteps")),
+        "null or a strictly increasing list of integer timesteps inside (0, model.diffusion.num_timesteps)",
+        optional=True,
+    )  # fmt: skip
     _check(cfg, "trainer.max_steps", lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 or an integer >= 1")
     _check(
         cfg,

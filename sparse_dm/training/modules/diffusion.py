@@ -22,7 +22,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from sparse_dm.diffusion import NoiseSchedule, masked_mse, sample
+from sparse_dm.diffusion import NoiseSchedule, sample
+from sparse_dm.diffusion.losses import per_sample_masked_mse
 from sparse_dm.sparse_backend.backend import SparseBackend
 from sparse_dm.sparsity.bands import BandRouter
 from sparse_dm.sparsity.bands_engine import BandedSparseEngine
@@ -168,8 +169,12 @@ class DiffusionModule(L.LightningModule):
         )
 
     def diffusion_loss(self, batch: DiffusionBatch, t: Tensor, noise: Tensor) -> Tensor:
+        return self.per_sample_loss(batch, t, noise).mean()
+
+    def per_sample_loss(self, batch: DiffusionBatch, t: Tensor, noise: Tensor) -> Tensor:
+        """The masked MSE of each sample (`masked_mse` is their mean)."""
         x_t = self.schedule.q_sample(batch.x0, t, noise)
-        return masked_mse(self.predict_eps(x_t, t, batch), noise, batch.mask)
+        return per_sample_masked_mse(self.predict_eps(x_t, t, batch), noise, batch.mask)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         data = self.prepare_batch(batch)
@@ -250,15 +255,22 @@ class DiffusionModule(L.LightningModule):
         one `sampling.weights` selects; a gap between the first two shows the EMA lagging."""
         data = self.prepare_batch(batch)
         t, noise = self._fixed_noise(data.x0, batch_idx)
-        losses = {"raw": self.diffusion_loss(data, t, noise)}
+        per_sample = {"raw": self.per_sample_loss(data, t, noise)}
         with self.ema_weights():
-            losses["ema"] = self.diffusion_loss(data, t, noise)
-        size = data.x0.shape[0]
-        for name, value in losses.items():
-            self.log(f"val/loss_{name}", value, batch_size=size, sync_dist=True)
-        loss = losses[self.sampling_cfg["weights"]]
-        self.log("val/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
-        return loss
+            per_sample["ema"] = self.per_sample_loss(data, t, noise)
+        per_sample[""] = per_sample[self.sampling_cfg["weights"]]
+        boundaries = self.validation_cfg.get("band_boundaries") or []
+        bands = torch.bucketize(t, torch.tensor(boundaries, device=t.device), right=True)
+        for name, values in per_sample.items():
+            key = f"val/loss_{name}" if name else "val/loss"
+            self.log(key, values.mean(), prog_bar=not name, batch_size=values.numel(), sync_dist=True)
+            for band in range(len(boundaries) + 1 if boundaries else 0):
+                # t below / above each boundary, where a timestep-band model differs from one mask. Every
+                # rank logs every band (a band without samples adds weight 0), so sync_dist stays in step.
+                chosen = values[bands == band]
+                mean = chosen.mean() if chosen.numel() else values.new_zeros(())
+                self.log(f"{key}_band{band}", mean, batch_size=chosen.numel(), sync_dist=True)
+        return per_sample[""].mean()
 
     def on_validation_epoch_end(self) -> None:
         self.last_validated_step = self.trainer.global_step
