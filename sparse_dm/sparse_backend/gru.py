@@ -25,8 +25,6 @@ from sparse_dm.sparse_backend.linear import aligned
 from sparse_dm.sparse_backend.weights import SparseWeights
 from sparse_dm.sparsity.masks import MASK_SUFFIX
 
-GATES = 3  # r, z, n
-
 
 def direction_suffixes(layer: int) -> tuple[str, str]:
     return f"_l{layer}", f"_l{layer}_reverse"
