@@ -44,6 +44,16 @@ from tests.sparsity.test_timestep_bands import BAND_OVERRIDES
 TINY = {"rounds": 2, "runs_per_sample": 1, "ddim_steps": 1, "linear_candidates": 8, "seed": 0}
 
 
+@pytest.fixture
+def one_thread():
+    """Tests that really time candidates run on one thread: on a shared, oversubscribed CPU two OpenMP
+    threads wait at every op's barrier for the one that was descheduled (seconds per tiny sample)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def settings_for(tmp_path, loop: str = "compiled", **overrides) -> InferenceSettings:
     recurrence_for(loop)  # skips visibly where the compiled loop cannot build
     cfg = {**default_inference_config(), "cache_dir": str(tmp_path), "calibration": TINY}
@@ -174,7 +184,7 @@ def test_auto_picks_the_fastest_candidate_and_caches_what_it_measured(tmp_path, 
     assert best["speedup_median"] == pytest.approx(10.0 / 6.0) and "compiled" in best["label"]
 
 
-def test_measured_once_per_key_then_read_from_the_cache(tmp_path, monkeypatch):
+def test_measured_once_per_key_then_read_from_the_cache(tmp_path, monkeypatch, one_thread):
     """Real timing of a tiny model (which form wins is not asserted), then the cache: the same key
     reads it; another protocol, workload, model, thread count or GRU loop measures again."""
     net = sparse_chirodiff()
@@ -197,16 +207,12 @@ def test_measured_once_per_key_then_read_from_the_cache(tmp_path, monkeypatch):
     for other_net, other_settings, other_lengths in changed:
         with pytest.raises(pytest.fail.Exception, match="re-measured"):
             calibrated_thresholds(other_net, other_settings, ddim_workload(other_lengths))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1 if previous > 1 else 2)
-    try:
-        with pytest.raises(pytest.fail.Exception, match="re-measured"):
-            calibrated_thresholds(net, settings, ddim_workload(lengths))
-    finally:
-        torch.set_num_threads(previous)
+    torch.set_num_threads(2)  # the fixture restores the count
+    with pytest.raises(pytest.fail.Exception, match="re-measured"):
+        calibrated_thresholds(net, settings, ddim_workload(lengths))
 
 
-def test_the_module_workload_is_its_own_sampling_at_the_sampling_batch(tmp_path, monkeypatch):
+def test_the_module_workload_is_its_own_sampling_at_the_sampling_batch(tmp_path, monkeypatch, one_thread):
     """prepare(backend=sparse) with auto thresholds times the module's own generate: the denoiser
     sees the requested batch, with lengths drawn from the module's pool of data lengths."""
     overrides = [*TINY_CHIRODIFF, "model.net.num_layers=2", "method=static", "sparsity=0.8"]
@@ -234,7 +240,7 @@ def test_the_module_workload_is_its_own_sampling_at_the_sampling_batch(tmp_path,
     assert record["thresholds"] == entry["thresholds"] and record["calibration"] == entry
 
 
-def test_a_banded_module_calibrates_its_band_forms_each_gru_by_its_own_density(tmp_path):
+def test_a_banded_module_calibrates_its_band_forms_each_gru_by_its_own_density(tmp_path, one_thread):
     """Bands with different sparsities have different GRU densities: `auto` also tries the form
     where one band runs the CSR GRU and the other nn.GRU, and installs what it chose."""
     module, _, _ = build_run(compose_config(tmp_path, [*TINY_CHIRODIFF, *BAND_OVERRIDES]))
