@@ -1,10 +1,13 @@
 """Checkpoints a run can trust: atomic writes, `last.ckpt` that holds the final (or preempted) step,
-and a fingerprint of the run's sparsity config so a checkpoint never silently loads into another run.
+and a fingerprint of the run's config so a checkpoint never silently continues as another run.
 
 Why not Lightning's defaults: `TorchCheckpointIO` stages the file in the system temp dir and moves it,
 which is a copy (not atomic) when /tmp is another file system, as on most clusters; `ModelCheckpoint`
 writes `last.ckpt` at `on_train_end` when no step checkpoint was due, and that checkpoint resumes on a
 different data order; `OnExceptionCheckpoint` makes `fit(ckpt_path=None)` resume silently.
+
+The fingerprint is the whole resolved config minus `RESUME_MAY_CHANGE` (and callbacks that only
+observe), so a key added to the config is covered without anyone listing it (docs/resuming.md).
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
 FINGERPRINT_KEY = "sparse_dm_fingerprint"
-# Config keys that decide what a checkpoint's tensors mean; resuming with any of them changed is refused.
-FINGERPRINT_KEYS = (
+FINGERPRINT_FORMAT = 2  # {"format": 2, "config": <resolved config tree>}; format 1: {key: value} below
+# What checkpoints written before format 2 stored (they still resume, checked on these keys only).
+LEGACY_FINGERPRINT_KEYS = (
     "model.name",
     "model.net",
     "method.name",
@@ -43,6 +47,35 @@ FINGERPRINT_KEYS = (
     "method.timestep_bands",
     "method.adaptive",
 )
+# The only config keys (with everything under them) a resume may change, and why none of them changes
+# a step of training. Every other key is part of the fingerprint.
+RESUME_MAY_CHANGE: dict[str, str] = {
+    "trainer.max_steps": "run length (the steps already taken stay; a later end_fraction stop moves with it)",
+    "trainer.max_epochs": "run length",
+    "trainer.max_time": "run length (a wall-time stop)",
+    "trainer.log_every_n_steps": "logging",
+    "trainer.enable_progress_bar": "logging",
+    "trainer.enable_model_summary": "logging",
+    "logger": "logging (CSV, W&B)",
+    "num_threads": "CPU threads (a job may be requeued on a node with other cores)",
+    "paths": "output paths",
+    "resume": "resuming itself",
+    "init_from": "read only when a run starts at step 0",
+    "validate_before_fit": "read only when a run starts at step 0",
+    "cost": "the summary's FLOP accounting",
+    "nonfinite.max_consecutive_losses": "when NaN/inf losses in a row stop the run (each is skipped anyway)",
+    "dataset.latent_cache_dir": "where encoded latents are cached (keyed by content)",
+    "backend": "kernels only: backend=sparse trains what backend=dense trains (same masks, weights to float "
+    "rounding) and both read and write the same checkpoint format",
+}
+# Callbacks that only observe (write checkpoints or score samples under a preserved RNG): a resume may
+# add, drop or reconfigure them (checkpoint cadence included).
+OBSERVING_CALLBACKS = (
+    "lightning.pytorch.callbacks.ModelCheckpoint",
+    "sparse_dm.training.checkpointing.ResumeCheckpoint",
+    "sparse_dm.training.callbacks.fidelity.FidelityCallback",
+)
+NOT_SET = "(not set)"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -74,17 +107,88 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
 
 
+def may_change_on_resume(key: str) -> bool:
+    return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUME_MAY_CHANGE)
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without the keys a resume may change and without observing callbacks."""
+    tree = plain(cfg)
+    callbacks = tree.get("callbacks") or {}
+    tree["callbacks"] = {
+        name: callback
+        for name, callback in callbacks.items()
+        if callback is not None and callback.get("_target_") not in OBSERVING_CALLBACKS
+    }
+    return _without(tree, "")
+
+
+def _without(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
+    kept = {}
+    for name, value in tree.items():
+        key = prefix + str(name)
+        if may_change_on_resume(key):
+            continue
+        kept[name] = _without(value, key + ".") if isinstance(value, dict) else value
+    return kept
+
+
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    """The config values a checkpoint's weights and masks depend on, as plain containers."""
-    return {key: plain(OmegaConf.select(cfg, key)) for key in FINGERPRINT_KEYS}
+    """What a checkpoint stores of its run's config: every key that can change the trajectory."""
+    return {"format": FINGERPRINT_FORMAT, "config": run_config(cfg)}
 
 
-def config_differences(stored: dict[str, Any], cfg: DictConfig, keys: Sequence[str]) -> list[str]:
-    """'key: checkpoint X, config Y' for every key whose stored value differs from the config's."""
-    wanted = fingerprint(cfg)
-    return [
-        f"{k}: checkpoint {stored.get(k)!r}, config {wanted[k]!r}" for k in keys if stored.get(k) != wanted[k]
-    ]
+def _select(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return NOT_SET
+        tree = tree[part]
+    return tree
+
+
+def _tree_differences(stored: Any, wanted: Any, key: str) -> list[str]:
+    """'key: checkpoint X, config Y' for every leaf (or sub-tree, where only one side has one) that
+    differs; keys in sorted order."""
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        found = []
+        for name in sorted(set(stored) | set(wanted), key=str):
+            sub = f"{key}.{name}" if key else str(name)
+            found += _tree_differences(stored.get(name, NOT_SET), wanted.get(name, NOT_SET), sub)
+        return found
+    if stored == wanted:
+        return []
+    return [f"{key}: checkpoint {_show(stored)}, config {_show(wanted)}"]
+
+
+def _show(value: Any) -> str:
+    return value if value is NOT_SET else repr(value)
+
+
+def is_legacy_fingerprint(stored: dict[str, Any]) -> bool:
+    """Format 1 (a few keys, before the whole-config fingerprint); anything else unknown is refused
+    rather than read as either."""
+    if stored.get("format") == FINGERPRINT_FORMAT:
+        return False
+    if set(stored) <= set(LEGACY_FINGERPRINT_KEYS):
+        return True
+    raise ValueError(
+        f"{FINGERPRINT_KEY} of an unknown format (keys {sorted(stored)}): written by a newer sparse_dm? "
+        "Resume it with the version that wrote it"
+    )
+
+
+def config_differences(
+    stored: dict[str, Any], cfg: DictConfig, keys: Sequence[str] | None = None
+) -> list[str]:
+    """'key: checkpoint X, config Y' for every differing key under `keys` (None: all the fingerprint
+    covers). A checkpoint of format 1 is compared on the keys it stored."""
+    if is_legacy_fingerprint(stored):
+        checked = [k for k in keys if k in stored] if keys is not None else list(stored)
+        return [d for k in checked for d in _tree_differences(stored[k], _select(plain(cfg), k), k)]
+    tree, wanted = stored["config"], run_config(cfg)
+    if keys is None:
+        return _tree_differences(tree, wanted, "")
+    return [d for k in keys for d in _tree_differences(_select(tree, k), _select(wanted, k), k)]
 
 
 def plain(value: Any) -> Any:
@@ -102,12 +206,17 @@ class RunFingerprint(L.Callback):
         checkpoint[FINGERPRINT_KEY] = self.values
 
 
+class ResumeMismatch(ValueError):
+    """The checkpoint was written by a run with another config: resuming would train a different run."""
+
+
 def is_sparse_checkpoint(checkpoint: dict[str, Any]) -> bool:
     return any(key.endswith("_mask") for key in checkpoint.get("state_dict", {}))
 
 
 def check_resume_compatible(checkpoint: dict[str, Any], path: Path, cfg: DictConfig) -> None:
-    """Refuse a checkpoint written by a run with another model or sparsity config, listing what differs."""
+    """Refuse a checkpoint written by a run with another config (any key outside RESUME_MAY_CHANGE),
+    naming every differing key with both values; called before anything is written."""
     sparse_run = cfg.method.name != "dense"
     if sparse_run and not is_sparse_checkpoint(checkpoint):
         raise ValueError(
@@ -121,12 +230,24 @@ def check_resume_compatible(checkpoint: dict[str, Any], path: Path, cfg: DictCon
             f"{path} has no {FINGERPRINT_KEY} (not written by sparse_dm.train), so its config cannot be "
             "checked; resume only from checkpoints of sparse_dm runs"
         )
-    differences = config_differences(stored, cfg, FINGERPRINT_KEYS)
+    if is_legacy_fingerprint(stored):
+        log.warning(
+            "%s was written before the whole-config fingerprint: only %s can be checked; resume it with "
+            "the run's own seed, method, optimizer and data (its config.yaml)",
+            path,
+            ", ".join(stored),
+        )
+    differences = config_differences(stored, cfg)
     if differences:
-        raise ValueError(
-            f"refusing to resume from {path}: it was written with another config:\n  "
+        raise ResumeMismatch(
+            f"refusing to resume from {path}: it was written by a run with another config "
+            f"({len(differences)} key(s) differ; each changes what training does):\n  "
             + "\n  ".join(differences)
-            + "\nResume with the run's own config (see config.yaml in its run folder) or start a new run."
+            + "\nTo continue that run, resume with its own values (config.yaml in its run folder). To "
+            "train with these values, start a new run: resume=never in a new folder (paths.output_dir="
+            "... or hydra.run.dir=...), with init_from=<checkpoint> to start from its weights. Keys a "
+            "resume may change: " + ", ".join(RESUME_MAY_CHANGE) + " and observing callbacks "
+            "(docs/resuming.md)."
         )
 
 

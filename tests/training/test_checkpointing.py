@@ -3,6 +3,7 @@ SLURM requeue, and evaluation that names the step it scored."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -19,17 +20,27 @@ import torch
 from helpers.run_config import TINY_CHIRODIFF, compose_config, evaluate_config
 from helpers.toy_diffusion import ToyData, make_module
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from omegaconf import OmegaConf
 
 from sparse_dm import evaluate as evaluate_mod
 from sparse_dm.run.build import build_run
 from sparse_dm.run.checks import ConfigError
 from sparse_dm.train import run
 from sparse_dm.training.checkpointing import (
+    FINGERPRINT_KEY,
     LAST,
+    LEGACY_FINGERPRINT_KEYS,
+    RESUME_MAY_CHANGE,
     AtomicCheckpointIO,
     NonFiniteStateError,
     ResumeCheckpoint,
+    ResumeMismatch,
     RunFolderNotEmpty,
+    check_resume_compatible,
+    config_differences,
+    fingerprint,
+    may_change_on_resume,
+    plain,
     requeue_slurm_job,
     resolve_resume,
 )
@@ -122,6 +133,113 @@ def test_resume_refuses_checkpoint_of_another_config(tmp_path, finished_run, ove
         run(compose_config(tmp_path / "run", [*SHORT, f"resume={ckpt}", *overrides]))
     assert all(item in str(error.value) for item in listed)
     assert not (tmp_path / "run").exists()
+
+
+# Each changes the trajectory (growth randomness is seeded by `seed`); the issue found them accepted.
+TRAJECTORY_CHANGES = [
+    (["seed=7"], ["seed: checkpoint 0, config 7", "method.seed: checkpoint 0, config 7"]),
+    (["prune_rate=0.1"], ["prune_rate: checkpoint 0.5, config 0.1"]),
+    (["method.grow=random"], ["method.grow: checkpoint 'gradient', config 'random'"]),
+    (["update_interval=5"], ["update_interval: checkpoint 2, config 5"]),
+    (["method.end_fraction=null"], ["method.end_fraction: checkpoint 0.75, config None"]),
+    (["model.optimizer.lr=0.01"], ["model.optimizer.lr: checkpoint 0.001, config 0.01"]),
+    (["trainer.gradient_clip_val=1.0"], ["trainer.gradient_clip_val: checkpoint None, config 1.0"]),
+    (["trainer.accumulate_grad_batches=2"], ["trainer.accumulate_grad_batches: checkpoint 1, config 2"]),
+    (["dataset.batch_size=8"], ["dataset.batch_size: checkpoint 16, config 8"]),
+    (["model.ema.decay=0.9"], ["model.ema.decay: checkpoint 0.995, config 0.9"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "listed"), TRAJECTORY_CHANGES, ids=[o[0] for o, _ in TRAJECTORY_CHANGES]
+)
+def test_resume_with_a_trajectory_key_changed_stops_before_writing(finished_run, overrides, listed):
+    before = snapshot(finished_run)
+    with pytest.raises(ResumeMismatch, match="refusing to resume") as error:
+        run(compose_config(finished_run, [*SHORT, "resume=auto", *overrides]))
+    message = str(error.value)
+    assert all(item in message for item in listed), message
+    assert "start a new run" in message and "resume=never" in message
+    assert snapshot(finished_run) == before  # refused before anything was written
+
+
+def test_refusal_names_every_differing_key_with_both_values(tmp_path, finished_run):
+    checkpoint = torch.load(finished_run / "checkpoints" / LAST, weights_only=True)
+    cfg = compose_config(tmp_path, [*SHORT, "seed=3", "prune_rate=0.2", "method=magran"])
+    with pytest.raises(ResumeMismatch) as error:
+        check_resume_compatible(checkpoint, finished_run / "checkpoints" / LAST, cfg)
+    listed = str(error.value).split("\n")[1:-1]
+    assert listed == [
+        "  dataset.seed: checkpoint 0, config 3",
+        "  method.grow: checkpoint 'gradient', config 'random'",
+        "  method.name: checkpoint 'rigl', config 'magran'",
+        "  method.prune_rate: checkpoint 0.5, config 0.2",
+        "  method.seed: checkpoint 0, config 3",
+        "  prune_rate: checkpoint 0.5, config 0.2",
+        "  seed: checkpoint 0, config 3",
+    ]
+
+
+def leaves(tree: dict, prefix: str = "") -> list[str]:
+    return [
+        k
+        for name, value in tree.items()
+        for k in (leaves(value, f"{prefix}{name}.") if isinstance(value, dict) and value else [prefix + name])
+    ]
+
+
+def test_every_key_outside_the_allow_list_is_in_the_fingerprint(tmp_path):
+    """Changed one at a time, every leaf of the resolved config is named, except the documented keys a
+    resume may change and the callbacks that only observe: a key added to the config is covered
+    without anyone listing it."""
+    base = compose_config(tmp_path, [*SHORT, "callbacks=fidelity"])
+    stored = fingerprint(base)
+    observing = ("callbacks.checkpoint.", "callbacks.last.", "callbacks.fidelity.")
+    keys = leaves(plain(base))
+    assert len(keys) > 100
+    for key in keys:
+        changed = copy.deepcopy(base)
+        OmegaConf.update(changed, key, "__changed__", force_add=True)
+        named = [line.split(":")[0] for line in config_differences(stored, changed)]
+        allowed = may_change_on_resume(key) or key.startswith(observing)
+        assert (key in named) != allowed, (key, named)
+
+
+def test_keys_that_may_change_on_resume_are_accepted(tmp_path, finished_run):
+    checkpoint = torch.load(finished_run / "checkpoints" / LAST, weights_only=True)
+    assert checkpoint[FINGERPRINT_KEY]["format"] == 2
+    overrides = [
+        "trainer.max_steps=40",
+        "num_threads=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=true",
+        "callbacks.last.every_n_train_steps=5",
+        "callbacks.checkpoint.save_top_k=1",
+        "callbacks=fidelity",
+        "nonfinite.max_consecutive_losses=9",
+        "validate_before_fit=false",
+    ]
+    cfg = compose_config(tmp_path / "elsewhere", [*SHORT, "resume=auto", *overrides])
+    check_resume_compatible(checkpoint, finished_run / "checkpoints" / LAST, cfg)
+    assert {"trainer.max_steps", "logger", "num_threads", "paths", "resume"} <= set(RESUME_MAY_CHANGE)
+
+
+def test_checkpoint_of_the_old_fingerprint_resumes_on_what_it_stored(tmp_path, finished_run, caplog):
+    """Format 1 stored LEGACY_FINGERPRINT_KEYS only: such a checkpoint keeps resuming, checked on those
+    keys (a changed seed cannot be seen: the warning says so)."""
+    path = finished_run / "checkpoints" / LAST
+    checkpoint = torch.load(path, weights_only=True)
+    cfg = compose_config(tmp_path, SHORT)
+    checkpoint[FINGERPRINT_KEY] = {k: plain(OmegaConf.select(cfg, k)) for k in LEGACY_FINGERPRINT_KEYS}
+    with caplog.at_level("WARNING", logger="sparse_dm.training.checkpointing"):
+        check_resume_compatible(checkpoint, path, compose_config(tmp_path, [*SHORT, "seed=7"]))
+    assert "before the whole-config fingerprint" in caplog.text
+    wider = compose_config(tmp_path, [*SHORT, "model.net.hidden_size=24"])
+    with pytest.raises(ResumeMismatch, match=r"model\.net\.hidden_size: checkpoint 16, config 24"):
+        check_resume_compatible(checkpoint, path, wider)
+    checkpoint[FINGERPRINT_KEY] = {"format": 3, "config": {}}
+    with pytest.raises(ValueError, match="unknown format"):
+        check_resume_compatible(checkpoint, path, cfg)
 
 
 def test_dense_checkpoint_needs_init_from_and_is_pruned_to_the_masks(tmp_path):
