@@ -46,7 +46,7 @@ from sparse_dm.sparsity.engine import (
     frozen_layers,
 )
 from sparse_dm.sparsity.explorer import LayerUpdate, reset_optimizer_state, update_generator
-from sparse_dm.sparsity.masks import PrunableWeight, apply_masks, mask_gradients
+from sparse_dm.sparsity.masks import PrunableWeight
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class BandedSparseEngine(SparseEngine):
             self._nonfinite_grads = bool(grads) and not bool(
                 torch.stack([torch.isfinite(g).all() for g in grads]).all()
             )
-        mask_gradients(self.weights)
+        self.mask_gradients()
 
     @torch.no_grad()
     def reduce_across_ranks(self, reduce: Callable[..., Tensor]) -> None:
@@ -183,7 +183,7 @@ class BandedSparseEngine(SparseEngine):
         (reduced over ranks by now) into the per-band averages, and arm the gradient capture of the
         next step's backward."""
         self.step += 1
-        apply_masks(self.weights)
+        self.apply_masks()
         if self.band_grad_ema is not None:
             self._update_band_grad_ema()
         self._arm_capture()
@@ -213,8 +213,7 @@ class BandedSparseEngine(SparseEngine):
         if not self.update_due(self.step):
             return None
         assert self.grow is not None
-        drop = self.drop_fraction(self.step)
-        reason = self._skip_reason(step_skipped)
+        drop, reason = self.due_update_rate(step_skipped)  # a skip leaves the adaptive rule alone
         grads, samples = self._band_grads, self._band_samples
         self._band_grads, self._band_samples = None, None
         self._nonfinite_grads = self._missing_grads = False

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from sparse_dm.sparsity.batched import IntMasks
 from sparse_dm.sparsity.masks import MASK_SUFFIX, zero_outside
 
 MASK_UPDATE_POLICIES = ("resync", "remask")
@@ -58,6 +59,7 @@ class MaskedEMA(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         for name, param in model.named_parameters():
             self.register_buffer(_key(name), param.detach().clone())
+        self._int_masks = IntMasks()
 
     def _pairs(self, model: nn.Module) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
         buffers = dict(model.named_buffers())
@@ -75,12 +77,15 @@ class MaskedEMA(nn.Module):
     def update(self, model: nn.Module, weights_masked: bool = False) -> None:
         """One EMA step. `weights_masked`: the caller has just re-masked the weights (SparseStep does),
         so the shadow, already zero outside the masks, stays exactly zero there without a masking pass
-        (lerp(0, 0, w) = 0); this saves a third of the per-step mask work."""
+        (lerp(0, 0, w) = 0); this saves a third of the per-step mask work. Multi-tensor ops: one
+        `_foreach_lerp_` over all shadows and one masking op (sparsity/batched.py)."""
         decay = self.current_decay()
-        for shadow, param, mask in self._pairs(model):
-            shadow.lerp_(param.detach(), 1.0 - decay)
-            if mask is not None and not weights_masked:
-                zero_outside(shadow, mask)
+        pairs = list(self._pairs(model))
+        if pairs:  # the foreach ops refuse empty lists
+            torch._foreach_lerp_([s for s, _, _ in pairs], [p for _, p, _ in pairs], 1.0 - decay)
+        if not weights_masked:
+            masked = [(shadow, mask) for shadow, _, mask in pairs if mask is not None]
+            self._int_masks.zero_outside([s for s, _ in masked], [m for _, m in masked])
         self.num_updates += 1
 
     @torch.no_grad()
@@ -96,8 +101,9 @@ class MaskedEMA(nn.Module):
         if self.on_mask_update == "remask":
             self.remask(model)
             return
-        for shadow, param, _ in self._pairs(model):
-            shadow.copy_(param.detach())
+        pairs = list(self._pairs(model))
+        if pairs:
+            torch._foreach_copy_([s for s, _, _ in pairs], [p for _, p, _ in pairs])
         self.num_updates.zero_()
 
     @torch.no_grad()

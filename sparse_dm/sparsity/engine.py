@@ -23,16 +23,10 @@ from torch import Tensor, nn
 
 from sparse_dm.sparsity import criteria
 from sparse_dm.sparsity.adaptive import AdaptivePruneRate
+from sparse_dm.sparsity.batched import IntMasks
 from sparse_dm.sparsity.distributions import layer_counts
 from sparse_dm.sparsity.explorer import LayerUpdate, explore, reset_optimizer_state, update_generator
-from sparse_dm.sparsity.masks import (
-    PrunableWeight,
-    apply_masks,
-    find_prunable,
-    mask_gradients,
-    random_mask,
-    register_masks,
-)
+from sparse_dm.sparsity.masks import PrunableWeight, find_prunable, random_mask, register_masks
 from sparse_dm.sparsity.schedule import UpdateSchedule
 
 INIT_UPDATE_INDEX = -1  # the generator index used for the initial random masks
@@ -166,6 +160,7 @@ class SparseEngine:
         self.schedule = UpdateSchedule(update_interval, prune_rate, schedule, end_step, end_fraction)
         self.seed = seed
         self.grad_ema_beta = grad_ema_beta
+        self._int_masks = IntMasks()  # the per-step masking as multi-tensor ops (sparsity/batched.py)
 
     def _start_counters(self, ever_active: list[Tensor]) -> None:
         """Step, update and skip counters, exploration history and per-step flags of a fresh run."""
@@ -188,9 +183,29 @@ class SparseEngine:
             self.adaptive.observe(loss)
 
     def drop_fraction(self, step: int) -> float:
-        """p of the update at `step`: the schedule's, scaled by the adaptive rule if configured."""
+        """p of the update at `step`: the schedule's, scaled by the adaptive rule if configured (which
+        closes the rule's loss window: call it once per update that happens)."""
         scheduled = self.schedule.drop_fraction(step)
         return scheduled if self.adaptive is None else self.adaptive.rate(step, scheduled)
+
+    def due_update_rate(self, step_skipped: bool) -> tuple[float, str | None]:
+        """(p, why it is skipped or None) of the update due now. A skipped update reports the
+        schedule's p and leaves the adaptive rule untouched: its loss window runs on to the next
+        update that happens."""
+        reason = self._skip_reason(step_skipped)
+        if reason is not None:
+            return self.schedule.drop_fraction(self.step), reason
+        return self.drop_fraction(self.step), None
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradients of inactive weights (NaN and inf too), one multi-tensor op."""
+        self._int_masks.zero_outside([w.param.grad for w in self.weights], [w.mask for w in self.weights])
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Set every weight outside its mask to exactly +0.0, one multi-tensor op."""
+        self._int_masks.zero_outside([w.param.data for w in self.weights], [w.mask for w in self.weights])
 
     @property
     def checked_masks(self) -> Sequence[PrunableWeight]:
@@ -220,8 +235,7 @@ class SparseEngine:
             return
         if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             return
-        for average, grad in zip(self.grad_ema, grads, strict=True):
-            average.lerp_(grad, 1.0 - self.grad_ema_beta)
+        torch._foreach_lerp_(self.grad_ema, grads, 1.0 - self.grad_ema_beta)
 
     @torch.no_grad()
     def before_step(self, grad_scale: float = 1.0) -> None:
@@ -244,7 +258,7 @@ class SparseEngine:
                 self._dense_grads = [
                     None if w.param.grad is None else w.param.grad.detach().clone() for w in self.weights
                 ]
-        mask_gradients(self.weights)
+        self.mask_gradients()
 
     def _skip_reason(self, step_skipped: bool) -> str | None:
         if step_skipped:
@@ -269,7 +283,7 @@ class SparseEngine:
     def remask(self) -> None:
         """Count the optimizer step just taken and zero the inactive weights (exact counts)."""
         self.step += 1
-        apply_masks(self.weights)
+        self.apply_masks()
 
     @torch.no_grad()
     def explore_if_due(
@@ -278,12 +292,12 @@ class SparseEngine:
         """On update steps (after `remask`) explore and reset the optimizer state of every changed
         position. A due update is skipped (counted, reported) when the step was skipped or a
         gradient or weight is non-finite: growth scores would be meaningless and a layer could be
-        pruned without being regrown."""
+        pruned without being regrown. A skipped update does not consume a window of the adaptive
+        prune rate."""
         if not self.update_due(self.step):
             return None
         assert self.grow is not None
-        drop = self.drop_fraction(self.step)
-        reason = self._skip_reason(step_skipped)
+        drop, reason = self.due_update_rate(step_skipped)
         self._nonfinite_grads = self._missing_grads = False
         if reason is not None:
             self._dense_grads = None

@@ -81,3 +81,41 @@ def test_engine_uses_the_adaptive_rate_for_its_updates():
                 math.floor(report.drop_fraction * target), weight.param.numel() - target
             )
     assert engine.state_dict()["adaptive"]["history"] == engine.adaptive.history
+
+
+def test_a_skipped_update_leaves_the_adaptive_state_unchanged():
+    """A due update skipped for a non-finite gradient (an AMP overflow step; the scaler skips the
+    optimizer step too) must not close a window of the rule: its state is what it was before the
+    update was due, and the next update that happens measures the decrease from the last real one."""
+    torch.manual_seed(0)
+    net = SmallGRUNet()
+    rule = AdaptivePruneRate(DECAY, P_MIN)
+    engine = SparseEngine(net, 0.7, grow="gradient", prune_rate=P0, update_interval=3, adaptive=rule)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    reports = []
+    for step in range(1, 10):
+        x, y = SmallGRUNet.batch(generator)
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        overflow = step == 6
+        if overflow:
+            engine.weights[0].param.grad.view(-1)[0] = float("inf")
+        engine.before_step()
+        if not overflow:
+            optimizer.step()
+        engine.observe_loss(float(loss.detach()))
+        before = rule.state_dict()
+        report = engine.after_step(optimizer)
+        if report is not None:
+            reports.append(report)
+        if overflow:
+            assert report is not None and report.skipped == "non-finite gradient"
+            assert report.drop_fraction == P0  # the schedule's p: no adaptive rate was drawn
+            assert rule.state_dict() == before
+            anchor = rule.anchor  # the loss EMA at the update of step 3
+        if step == 9:
+            assert rule.history[-1]["loss_decrease"] == pytest.approx((anchor - before["loss_ema"]) / anchor)
+    assert [r.step for r in reports] == [3, 6, 9] and engine.skipped_updates == 1
+    assert [h["step"] for h in rule.history] == [3.0, 9.0]
