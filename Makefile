@@ -1,7 +1,7 @@
 # sparse_dm — common tasks. PYTHON defaults to the project venv created by `make install`.
 PYTHON ?= .venv/bin/python
 
-.PHONY: install test lint train cost bench bench-bands bench-train-kernels sweep-demo study results report clean
+.PHONY: install test lint train cost bench bench-bands bench-train-kernels sketch-features sketch-metric sweep-demo study results report clean
 
 install:  ## create .venv and install sparse_dm with dev extras
 	python3 -m venv .venv
@@ -46,6 +46,12 @@ bench-bands:  ## timestep-band masks vs one mask: training step and DDIM wall ti
 
 bench-train-kernels:  ## sparse training kernels vs masked dense PyTorch, fwd+bwd at ChiroDiff's shapes (docs/benchmarks_train_kernels.md)
 	$(PYTHON) -m benchmarks.train_step
+
+sketch-features:  ## retrain the sketch metric's extractor on the bundled KanjiVG (a few minutes; prints its sha256)
+	$(PYTHON) -m sparse_dm.train_sketch_features
+
+sketch-metric:  ## validate fsd_kanjivg / ksd_kanjivg (floor, corruptions) into docs/sketch_metric.md: make sketch-metric SAMPLES="run/samples/*.npz"
+	$(PYTHON) -m benchmarks.sketch_metric $(if $(SAMPLES),--samples $(SAMPLES))
 
 report:  ## tables and plots of a finished sweep: make report SWEEP=multirun/demo_cpu_kanjivg
 	$(PYTHON) -m sparse_dm.report sweep_dir=$(SWEEP) out=reports/$(notdir $(SWEEP))
