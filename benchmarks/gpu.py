@@ -4,8 +4,8 @@
    at 32-bit, fp16 AMP (GradScaler) and bf16 with mask updates inside the run; every layer must end
    with exactly its target non-zeros and the CUDA outputs must equal the CPU outputs of the same
    checkpoint (the cuDNN weight buffer really holds the masked weights).
-2. Training step sparse (S=0.9, RigL) vs dense, and the mask update, on the GPU: ChiroDiff KanjiVG
-   default and the paper's CelebA-HQ LDM UNet (274M parameters).
+2. Training step sparse (S=0.9, RigL) vs dense, the per-step mask work alone (multi-tensor ops) and the
+   mask update, on the GPU: ChiroDiff KanjiVG default and the paper's CelebA-HQ LDM UNet (274M parameters).
 3. 50-step DDIM sampling of ChiroDiff KanjiVG: masked dense cuDNN GRU; the CPU sparse inference form is
    not a CUDA path (recorded as such).
 4. Linear-layer kernels at the LDM UNet's attention shapes, fp16: dense cuBLAS vs CSR (cuSPARSE) at
@@ -42,6 +42,7 @@ FULL = {
     "train_pairs": 20,
     "warmup": 3,
     "update_repeats": 3,
+    "bookkeeping_repeats": 20,
     "unet_batch": 8,
     "chirodiff_batch": 128,
     "ddim_batches": [64, 1024],
@@ -60,7 +61,8 @@ FULL = {
     "check_interval": 10,
     "with_unet": True,
 }
-QUICK = {**FULL, "train_pairs": 2, "warmup": 1, "update_repeats": 1, "unet_batch": 1, "chirodiff_batch": 8,
+QUICK = {**FULL, "train_pairs": 2, "warmup": 1, "update_repeats": 1, "bookkeeping_repeats": 1,
+         "unet_batch": 1, "chirodiff_batch": 8,
          "ddim_batches": [8], "ddim_steps": 2, "ddim_pairs": 1, "sparsities": [0.9], "kernel_reps": 2,
          "kernel_shapes": [[64, 32, 48]], "check_methods": [["rigl", "32-true"], ["magran", "bf16-mixed"]],
          "check_steps": 6,
@@ -202,7 +204,21 @@ def measure_training(name: str, family: str, case, settings: dict, device: torch
             seconds += time.perf_counter() - start
         return seconds
 
+    def bookkeeping() -> float:
+        """The per-step mask work alone (SparseStep's gradient masks and re-mask, multi-tensor ops),
+        right after a backward, between two synchronisations."""
+        sync = synced(lambda: None, device)
+        sparse.optimizer.zero_grad(set_to_none=True)
+        loss_fn(sparse.net).backward()
+        sync()
+        start = time.perf_counter()
+        engine.mask_gradients()
+        engine.apply_masks()
+        sync()
+        return time.perf_counter() - start
+
     update_s = statistics.median(update() for _ in range(settings["update_repeats"]))
+    bookkeeping_s = statistics.median(bookkeeping() for _ in range(settings["bookkeeping_repeats"]))
     dense_ms = 1e3 * statistics.median(dense_t)
     return {
         "model": name,
@@ -211,6 +227,8 @@ def measure_training(name: str, family: str, case, settings: dict, device: torch
         "dense_ms": dense_ms,
         "sparse_ms": 1e3 * statistics.median(sparse_t),
         "step_overhead_pct": 100 * (median_ratio(sparse_t, dense_t) - 1),
+        "bookkeeping_ms": 1e3 * bookkeeping_s,
+        "bookkeeping_pct": 100 * 1e3 * bookkeeping_s / dense_ms,
         "mask_update_ms": 1e3 * update_s,
         "paper_te": PAPER_TE[family],
         "update_share_pct": 100 * 1e3 * update_s / (PAPER_TE[family] * dense_ms),
