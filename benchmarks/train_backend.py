@@ -11,6 +11,8 @@ real batches. At each S in {0.5, 0.75, 0.9, 0.95} and 1 and 2 threads, in one pr
   grow while a process is descheduled: the steadier figure on shared cores);
 - the amortised step at the paper's Te (800 for ChiroDiff): ((Te - 1) normal + 1 update) / Te;
 - where the time goes: forward, backward and optimizer + bookkeeping of a normal step, per side;
+- momentum growth at S = 0.9 (`method.grow=momentum`): its running average of the dense gradient is
+  updated every step, so backend=sparse forms the dense weight gradient at every step there;
 - AdamW's step alone over the compact values (the run's optimizer, foreach off and on) vs the dense
   parameters: whether an ordinary AdamW serves;
 - memory: tensor bytes of weights, gradients (the .grad tensors of a step) and optimizer state of both
@@ -52,8 +54,15 @@ ROOT = Path(__file__).resolve().parents[1]
 JSON_PATH = ROOT / "benchmarks" / "results_train_backend.json"
 MARKDOWN_PATH = ROOT / "docs" / "benchmarks_train.md"
 PAPER_TE = 800  # ChiroDiff's update interval in the paper (appendix B.3)
-FULL = {"sparsities": [0.5, 0.75, 0.9, 0.95], "threads": [1, 2], "pairs": 9, "update_pairs": 3, "batch": 128}
-QUICK = {"sparsities": [0.9], "threads": [1], "pairs": 2, "update_pairs": 1, "batch": 16}
+FULL = {
+    "sparsities": [0.5, 0.75, 0.9, 0.95],
+    "threads": [1, 2],
+    "pairs": 9,
+    "update_pairs": 3,
+    "batch": 128,
+    "momentum": [[0.9, 1]],
+}
+QUICK = {"sparsities": [0.9], "threads": [1], "pairs": 2, "update_pairs": 1, "batch": 16, "momentum": []}
 TARGETS = [  # (S, threads, what, target): the issue's targets
     (0.9, 1, "amortised speed-up", 2.0),
     (0.75, 1, "amortised speed-up", 1.3),
@@ -69,11 +78,12 @@ def compose(overrides: list[str]) -> Any:
 class Side:
     """One backend's module, engine, optimizer and batches, stepping as DiffusionModule does."""
 
-    def __init__(self, sparsity: float, batch: int, kernels: Any) -> None:
+    def __init__(self, sparsity: float, batch: int, kernels: Any, grow: str = "gradient") -> None:
         cfg = compose(
             [
                 f"paths.output_dir={tempfile.mkdtemp(prefix='bench_train_')}",
                 "method=rigl",
+                f"method.grow={grow}",
                 f"sparsity={sparsity}",
                 f"update_interval={PAPER_TE}",
                 "method.end_fraction=null",
@@ -195,9 +205,12 @@ def adamw_step_ms(side: Side, foreach: bool, repeats: int = 5) -> float:
     return 1e3 * statistics.median(times)
 
 
-def measure(sparsity: float, threads: int, settings: dict, kernels: Any) -> dict[str, Any]:
+def measure(
+    sparsity: float, threads: int, settings: dict, kernels: Any, grow: str = "gradient"
+) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    dense, sparse = Side(sparsity, settings["batch"], None), Side(sparsity, settings["batch"], kernels)
+    batch = settings["batch"]
+    dense, sparse = Side(sparsity, batch, None, grow), Side(sparsity, batch, kernels, grow)
     for side in (dense, sparse):  # warm-up: page faults, the kernels' pools, the first update
         side.step()
         side.step(update=True)
@@ -233,6 +246,7 @@ def measure(sparsity: float, threads: int, settings: dict, kernels: Any) -> dict
     return {
         "sparsity": sparsity,
         "threads": threads,
+        "grow": grow,
         "density": nnz / numel,
         "normal": normal,
         "update": update,
@@ -271,6 +285,7 @@ def run(settings: dict) -> dict[str, Any]:
     started = time.time()
     info = machine(kernels) | {"load_average_start": load()}
     rows = [measure(s, t, settings, kernels) for t in settings["threads"] for s in settings["sparsities"]]
+    rows += [measure(s, t, settings, kernels, grow="momentum") for s, t in settings.get("momentum", [])]
     info |= {"load_average_end": load(), "seconds": time.time() - started}
     return {"machine": info, "settings": settings, "paper_te": PAPER_TE, "rows": rows}
 
@@ -279,7 +294,12 @@ def target_lines(results: dict[str, Any]) -> list[str]:
     lines = []
     for sparsity, threads, what, target in TARGETS:
         row = next(
-            (r for r in results["rows"] if r["sparsity"] == sparsity and r["threads"] == threads), None
+            (
+                r
+                for r in results["rows"]
+                if (r["sparsity"], r["threads"], grow(r)) == (sparsity, threads, "gradient")
+            ),
+            None,
         )
         if row is None:
             continue
@@ -295,6 +315,10 @@ def target_lines(results: dict[str, Any]) -> list[str]:
                          f"wall {row['amortised']['speedup_wall']:.2f}x), target >= {target}x: "
                          f"{'met' if met else 'MISSED'}")  # fmt: skip
     return lines
+
+
+def grow(row: dict[str, Any]) -> str:
+    return row.get("grow", "gradient")
 
 
 def render(results: dict[str, Any]) -> str:
@@ -321,14 +345,15 @@ def render(results: dict[str, Any]) -> str:
         "",
         "## Whole training step (median ms; speed-up = dense / sparse, median of pairs [min, max])",
         "",
-        "| S | density | threads | dense ms (CPU) | sparse ms (CPU) | normal step | update step | "
+        "| S | growth | density | threads | dense ms (CPU) | sparse ms (CPU) | normal step | update step | "
         "amortised (CPU) | amortised (wall) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         n, u, a = r["normal"], r["update"], r["amortised"]
         lines.append(
-            f"| {r['sparsity']} | {r['density']:.3f} | {r['threads']} | {n['dense_ms_cpu']:.1f} | "
+            f"| {r['sparsity']} | {grow(r)} | {r['density']:.3f} | {r['threads']} | "
+            f"{n['dense_ms_cpu']:.1f} | "
             f"{n['sparse_ms_cpu']:.1f} | {n['speedup_cpu']:.2f}x [{n['speedup_cpu_min']:.2f}, "
             f"{n['speedup_cpu_max']:.2f}] | {u['speedup_cpu']:.2f}x ({u['dense_ms_cpu']:.0f} / "
             f"{u['sparse_ms_cpu']:.0f} ms) | {a['speedup_cpu']:.2f}x | {a['speedup_wall']:.2f}x |"
@@ -339,14 +364,14 @@ def render(results: dict[str, Any]) -> str:
         "",
         "Normal step, median CPU ms: forward / backward / optimizer + bookkeeping (AdamW, EMA, engine).",
         "",
-        "| S | threads | dense | sparse | AdamW step alone: dense / compact (foreach off) / "
+        "| S | growth | threads | dense | sparse | AdamW step alone: dense / compact (foreach off) / "
         "compact (foreach on) |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         d, s, w = r["phases_cpu_ms"]["dense"], r["phases_cpu_ms"]["sparse"], r["adamw_cpu_ms"]
         lines.append(
-            f"| {r['sparsity']} | {r['threads']} | {d['forward']:.1f} / {d['backward']:.1f} / "
+            f"| {r['sparsity']} | {grow(r)} | {r['threads']} | {d['forward']:.1f} / {d['backward']:.1f} / "
             f"{d['optimizer']:.1f} | {s['forward']:.1f} / {s['backward']:.1f} / {s['optimizer']:.1f} | "
             f"{w['dense_foreach_off_ms']:.2f} / {w['sparse_foreach_off_ms']:.2f} / "
             f"{w['sparse_foreach_on_ms']:.2f} |"
@@ -360,7 +385,7 @@ def render(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
-        if r["threads"] != results["settings"]["threads"][0]:
+        if r["threads"] != results["settings"]["threads"][0] or grow(r) != "gradient":
             continue
         mem = r["memory_bytes"]
         d, s = mem["dense"], mem["sparse"]

@@ -190,11 +190,6 @@ def to_dense(net: nn.Module) -> nn.Module:
     return net
 
 
-def compact_layers(net: nn.Module) -> list[CompactLayer]:
-    """The compact layers of a converted net, in module order."""
-    return [CompactLayer(path, m) for path, m in net.named_modules() if isinstance(m, SparseWeights)]
-
-
 def check_zero_outside(dense: Tensor, mask: Tensor, key: str) -> None:
     """Compacting drops what lies outside the mask: it must be exactly zero (a masked checkpoint)."""
     if bool(dense.masked_select(~mask.to(dense.device)).ne(0).any()):

@@ -4,11 +4,20 @@ names the CPU, compiler, flags and threads."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks import train_backend
 
-TINY = {"sparsities": [0.9], "threads": [1], "pairs": 1, "update_pairs": 1, "batch": 4}
+TINY = {
+    "sparsities": [0.9],
+    "threads": [1],
+    "pairs": 1,
+    "update_pairs": 1,
+    "batch": 4,
+    "momentum": [[0.9, 1]],
+}
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +26,8 @@ def results() -> dict:
 
 
 def test_rows_hold_paired_times_and_measured_memory(results):
-    (row,) = results["rows"]
+    row, momentum = results["rows"]
+    assert (row["grow"], momentum["grow"]) == ("gradient", "momentum")
     assert row["sparsity"] == 0.9 and row["threads"] == 1 and 0.05 < row["density"] < 0.15
     for kind in ("normal", "update", "amortised"):
         assert row[kind]["dense_ms_cpu"] > 0 and row[kind]["sparse_ms_cpu"] > 0
@@ -38,3 +48,9 @@ def test_markdown_names_machine_and_targets(results):
     for fact in (machine["cpu"], machine["compiler"], machine["flags"], "threads"):
         assert fact in text
     assert "S = 0.9, 1 thread: amortised step" in text and "S = 0.9, memory" in text
+
+
+def test_the_committed_report_is_rendered_from_its_json():
+    """docs/benchmarks_train.md is the committed JSON rendered: no figure was typed by hand."""
+    committed = json.loads(train_backend.JSON_PATH.read_text())
+    assert train_backend.MARKDOWN_PATH.read_text() == train_backend.render(committed)
