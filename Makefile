@@ -1,7 +1,7 @@
 # sparse_dm — common tasks. PYTHON defaults to the project venv created by `make install`.
 PYTHON ?= .venv/bin/python
 
-.PHONY: install test lint train cost bench bench-bands bench-train-kernels sketch-features sketch-metric sweep-demo study results report clean
+.PHONY: install test lint train cost bench bench-bands bench-train-kernels bench-train bench-train-e2e sketch-features sketch-metric sweep-demo study results report clean
 
 install:  ## create .venv and install sparse_dm with dev extras
 	python3 -m venv .venv
@@ -46,6 +46,12 @@ bench-bands:  ## timestep-band masks vs one mask: training step and DDIM wall ti
 
 bench-train-kernels:  ## sparse training kernels vs masked dense PyTorch, fwd+bwd at ChiroDiff's shapes (docs/benchmarks_train_kernels.md)
 	$(PYTHON) -m benchmarks.train_step
+
+bench-train:  ## whole training step, backend=sparse vs dense, S 0.5-0.95, 1 and 2 threads (docs/benchmarks_train.md)
+	$(PYTHON) -m benchmarks.train_backend
+
+bench-train-e2e:  ## the default training command at S = 0.9, backend=dense then sparse: wall time, final val loss
+	$(PYTHON) -m benchmarks.train_e2e
 
 sketch-features:  ## retrain the sketch metric's extractor on the bundled KanjiVG (a few minutes; prints its sha256)
 	$(PYTHON) -m sparse_dm.train_sketch_features
