@@ -1,7 +1,7 @@
 # sparse_dm — common tasks. PYTHON defaults to the project venv created by `make install`.
 PYTHON ?= .venv/bin/python
 
-.PHONY: install test lint train cost bench bench-bands bench-train-kernels bench-train bench-train-e2e sketch-features sketch-metric sweep-demo study results report clean
+.PHONY: bench-masking install test lint train cost bench bench-bands bench-train-kernels bench-train bench-train-e2e sketch-features sketch-metric sweep-demo study results report clean
 
 install:  ## create .venv and install sparse_dm with dev extras
 	python3 -m venv .venv
@@ -40,6 +40,9 @@ results:  ## every study's contrasts.md and docs/results.md from the committed r
 
 bench:  ## sparse vs dense: training step, mask update, DDIM sampling, file size (a few minutes)
 	$(PYTHON) -m benchmarks.suite
+
+bench-masking:  ## per-step mask work and EMA update: per-tensor vs multi-tensor ops (docs/benchmarks_masking.md)
+	$(PYTHON) -m benchmarks.masking
 
 bench-bands:  ## timestep-band masks vs one mask: training step and DDIM wall time (about a minute)
 	$(PYTHON) -m benchmarks.timestep_bands
