@@ -103,7 +103,8 @@ class Scratch:
         return buffer[: rows * cols].view(rows, cols)
 
     def give(self, view: Tensor) -> None:
-        self.free.append(view._base if view._base is not None else view)
+        base = view._base if view._base is not None else view
+        self.free.append(base.reshape(-1))  # flat, so `lend` slices elements, not rows
         if len(self.free) > self.spare:
             self.free.pop(min(range(len(self.free)), key=lambda i: self.free[i].numel()))
 
