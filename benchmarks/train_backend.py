@@ -395,10 +395,12 @@ def render(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Reading the figures: the normal step is what 799 of 800 steps cost; the update step forms RigL's "
-        "dense weight gradient (dense GEMMs in the backward) and runs the masked engine's prune/grow on "
-        "dense views, so it costs about what a dense step does. Per-kernel rates against the FMA and "
-        "memory-bandwidth limits of this CPU: `make bench-train-kernels` (docs/benchmarks_train_kernels.md).",
+        "Reading the figures: the normal step is what 799 of 800 steps cost. The update step adds RigL's "
+        "dense weight gradient (one dense GEMM per weight in the backward) and the masked engine's "
+        "prune/grow on dense views; the update-step column shows what that costs against a dense run's "
+        "update step. With momentum growth every step forms the dense gradient (its running average). "
+        "Per-kernel rates against the FMA and memory-bandwidth limits of this CPU: "
+        "`make bench-train-kernels` (docs/benchmarks_train_kernels.md).",
         "",
     ]
     return "\n".join(lines)
