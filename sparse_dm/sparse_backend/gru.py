@@ -226,8 +226,7 @@ class SparseBiGRU(SparseWeights):
             batch_sizes = torch.full((length,), batch, dtype=torch.long)
         if data.shape[-1] != self.input_size:
             raise ValueError(f"input has {data.shape[-1]} features, this GRU takes {self.input_size}")
-        if data.dtype != torch.float32:
-            raise ValueError(f"SparseBiGRU trains in float32 (its values' dtype), got a {data.dtype} input")
+        self.check_input_dtype(data, self.kernels is not None)
         if self.kernels is not None:
             output, finals = self._compiled_layers(data, batch_sizes)
         else:

@@ -99,8 +99,7 @@ class SparseLinear(SparseWeights):
         """(..., in_features) -> (..., out_features)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
-        if x.dtype != torch.float32:
-            raise ValueError(f"SparseLinear trains in float32 (its values' dtype), got a {x.dtype} input")
+        self.check_input_dtype(x, self.kernels is not None)
         if self.kernels is not None:
             flat = x.reshape(-1, self.in_features)
             rows = flat.shape[0]

@@ -40,6 +40,16 @@ class SparseWeights(nn.Module):
     def values(self, name: str) -> nn.Parameter:
         return getattr(self, name + VALUES_SUFFIX)
 
+    def check_input_dtype(self, x: Tensor, kernels_loaded: bool) -> None:
+        """Refuse (never convert) an input whose dtype is not the values' dtype: a silent cast would
+        hide a precision change. The compiled kernels are float32 only; the torch reference runs in
+        whatever dtype the module was moved to (float64 for the equivalence tests)."""
+        dtype = self.values(self.weight_names[0]).dtype
+        if kernels_loaded and dtype != torch.float32:
+            raise ValueError(f"{type(self).__name__}: the compiled kernels take float32, values are {dtype}")
+        if x.dtype != dtype:
+            raise ValueError(f"{type(self).__name__} trains in {dtype} (its values' dtype), got {x.dtype}")
+
     def dense_weight(self, name: str) -> Tensor:
         """The dense weight (zeros outside the mask), e.g. for a checkpoint in the masked engine's format."""
         return self.layouts[name].expand(self.values(name))

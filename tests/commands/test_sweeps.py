@@ -10,6 +10,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from sparse_dm.reporting.protocol import load_spec
 from sparse_dm.run import checks as config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,8 +113,20 @@ def test_gpu_band_study_is_the_cpu_band_study_longer_with_te_scaled_the_same_way
         assert (gpu.sparsity, gpu.prune_rate) == (cpu.sparsity, cpu.prune_rate)
 
 
+# Base configs of the protocol studies: `python -m sparse_dm.study` composes them with each arm's
+# overrides (multirun_sweeps/study_specs/*.yaml name them under `config`), not `--multirun`.
+STUDY_SPEC_BASES = {"study_protocol_cpu"}
+
+
 def test_every_sweep_file_is_covered():
-    assert {p.stem for p in SWEEPS.glob("*.yaml")} == set(EXPECTED) | EVAL_SWEEPS | set(STUDY_SWEEPS)
+    assert {p.stem for p in SWEEPS.glob("*.yaml")} == (
+        set(EXPECTED) | EVAL_SWEEPS | set(STUDY_SWEEPS) | STUDY_SPEC_BASES
+    )
+
+
+def test_every_study_spec_base_is_named_by_a_spec():
+    named = {load_spec(p).config_name for p in sorted((SWEEPS / "study_specs").glob("*.yaml"))}
+    assert named >= STUDY_SPEC_BASES and named <= STUDY_SPEC_BASES | set(STUDY_SWEEPS)
 
 
 def composed(name: str, job: list[str]) -> dict:

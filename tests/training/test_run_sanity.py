@@ -141,13 +141,13 @@ def test_a_missing_or_nonfinite_final_metric_is_an_error(metrics: dict, message:
 
 
 def test_a_run_with_nan_validation_loss_does_not_succeed(tmp_path, monkeypatch) -> None:
-    original = ChiroDiffModule.diffusion_loss
+    original = ChiroDiffModule.per_sample_loss  # what training (its mean) and validation compute
 
     def nan_in_validation(self, *args, **kwargs):
         loss = original(self, *args, **kwargs)
         return loss if self.training else loss * NAN
 
-    monkeypatch.setattr(ChiroDiffModule, "diffusion_loss", nan_in_validation)
+    monkeypatch.setattr(ChiroDiffModule, "per_sample_loss", nan_in_validation)
     overrides = [
         *TINY_CHIRODIFF,
         "trainer.max_steps=2",
