@@ -7,8 +7,8 @@
    `auto` chooses it (calibrated in this run, on this workload), at S in {0.5, 0.75, 0.9, 0.95} with
    1 and 2 threads; at S = 0.9 also every fixed choice (each distinct form a fixed threshold_linear /
    threshold_gru / gru_loop gives), so `auto` can be compared with the best of them. All forms of a
-   row group run in rounds, each form once per round in an order that rotates (and reverses every
-   other round); ratios are per round, reported as median and min-max, in wall and CPU time.
+   row group run in rounds, each form once per round in a freshly shuffled (seeded) order; ratios are
+   per round, reported as median and min-max, in wall and CPU time.
 4. File size: the dense state_dict vs the `.sdm` export.
 Every comparison is paired in one process; which side runs first alternates between pairs and the
 median of per-pair ratios is reported (the CPU is shared and noisy). Every table names the machine:
@@ -24,6 +24,7 @@ import io
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import tempfile
@@ -251,13 +252,13 @@ def sampling_net(sparsity: float) -> tuple[ChiroDiffNet, NoiseSchedule]:
 
 
 def in_rounds(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, dict[str, list[float]]]:
-    """Wall and CPU seconds of each fn, once per round; the order rotates by one each round and
-    reverses every other round, so no fn always runs first or right after the same one."""
+    """Wall and CPU seconds of each fn, once per round, in an order shuffled afresh each round (seeded),
+    so no fn keeps one position or one neighbour while the machine's load drifts."""
     names = list(fns)
     times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
-    for round_ in range(rounds):
-        order = names[round_ % len(names) :] + names[: round_ % len(names)]
-        for name in reversed(order) if round_ % 2 else order:
+    shuffler = random.Random(0)
+    for _ in range(rounds):
+        for name in shuffler.sample(names, len(names)):
             wall, cpu = time.perf_counter(), time.process_time()
             fns[name]()
             times[name]["cpu"].append(time.process_time() - cpu)

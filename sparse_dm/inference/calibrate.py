@@ -4,10 +4,11 @@
 form the fixed choices could give this model (threshold values at the densities where a matrix's
 kernel flips, see `convert.candidate_forms`) is timed running a few whole DDIM steps of the real
 workload - the sampling batch, the data's sequence lengths - against the all-dense form, in rounds
-whose order rotates. The candidate with the best median ratio wins (the all-dense form itself is a
-candidate, so `auto` is never slower than dense beyond timing noise). Why not a proxy: a one-layer
-GRU at a made-up shape, timed with its 385-row input packing inside the sparse side, kept `nn.GRU`
-on an Intel Xeon where the compiled loop samples the real model 2x faster (docs/benchmarks.md).
+whose order is shuffled afresh. The candidate with the best median ratio wins (the all-dense form
+itself is a candidate, so `auto` is never slower than dense beyond timing noise). Why not a proxy:
+a one-layer GRU at a made-up shape, timed with its 385-row input packing inside the sparse side,
+kept `nn.GRU` on an Intel Xeon where the compiled loop samples the real model 3x faster at S = 0.9
+(docs/benchmarks.md).
 
 The choice is cached in `<cache_dir>/calibration.json` (default `$XDG_CACHE_HOME/sparse_dm`, else
 `~/.cache/sparse_dm`) under a key naming everything it depends on: this method's version, torch,
@@ -22,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -191,17 +193,16 @@ def time_candidates(
     forms: list[nn.Module], workload: Workload, protocol: CalibrationProtocol
 ) -> list[list[float]]:
     """Per form after the first (the reference), its time ratios reference / form, one per round it
-    ran. Every round times the reference and every form still in the race; the order rotates by one
-    each round and reverses every other round, so no form always runs right after the same one.
+    ran. Every round times the reference and every form still in the race, in an order shuffled
+    afresh (seeded by the protocol), so no form keeps one neighbour or one position.
     From the second round on, a form whose best ratio is below the worst ratio of the leader (the
     best median; the reference, ratio 1, while no median exceeds 1) leaves the race: no round saw it
     as fast as the leader."""
     ratios: list[list[float]] = [[] for _ in forms[1:]]
     racing = list(range(len(forms)))
+    shuffler = random.Random(protocol.seed)
     for round_ in range(protocol.rounds):
-        order = racing[round_ % len(racing) :] + racing[: round_ % len(racing)]
-        if round_ % 2:
-            order.reverse()
+        order = shuffler.sample(racing, len(racing))
         times = {i: best_time(lambda form=forms[i]: workload(form), protocol.runs_per_sample) for i in order}
         for i in racing[1:]:
             ratios[i - 1].append(times[0] / times[i])
