@@ -44,20 +44,8 @@ from sparse_dm.training.loggers.wandb import CSV_DIR, build_loggers, finish_logg
 log = logging.getLogger(__name__)
 
 
-
-
-
-
 def _metrics(trainer: L.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-
-
-
-
-
-
-
-
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -71,6 +59,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.num_threads))
     module, datamodule, engine = build_run(cfg)
     datamodule.setup("fit")  # bad data fails here, naming file/split/index, before anything is written
+    module.prepare_sample_quality(datamodule)  # and a reference the end-of-run metric cannot use
     if init is not None:
         init_from_checkpoint(module, engine, init)
     cost = compute_cost(cfg, module)
@@ -119,6 +108,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             module.write_samples()
         metrics.update(_metrics(trainer))
         check_final_metric(metrics)  # never "succeed" with a NaN or missing final val/loss
+        if trainer.is_global_zero:
+            quality = module.sample_quality()  # ChiroDiff: fsd_<space> / ksd_<space>
+            for logger in trainer.loggers:
+                logger.log_metrics(quality, step=trainer.global_step)
+            metrics.update(quality)
     except BaseException:
         finish_loggers(loggers, "failed")
         raise

@@ -26,6 +26,7 @@ from sparse_dm.sparsity.factory import adaptive_from, timestep_bands_from
 from sparse_dm.sparsity.flops import check_convention
 from sparse_dm.sparsity.schedule import UpdateSchedule
 from sparse_dm.training.callbacks.nonfinite_guard import check_max_consecutive
+from sparse_dm.training.modules.chirodiff import check_sketch_metric
 from sparse_dm.training.modules.diffusion import check_sampling_weights
 
 METHODS = ("dense", "static", "rigl", "magran")
@@ -90,6 +91,9 @@ def _check_owned_values(cfg: DictConfig) -> None:
         )
         check_ema_settings(**OmegaConf.to_container(cfg.model.ema, resolve=True))
         check_sampling_weights(_get(cfg, "model.sampling.weights"))
+        sketch_metric = OmegaConf.select(cfg, "model.sketch_metric")
+        if sketch_metric is not None:
+            check_sketch_metric(OmegaConf.to_container(sketch_metric, resolve=True))
         diffusion = cfg.model.diffusion
         NoiseSchedule(diffusion.schedule, diffusion.num_timesteps, diffusion.beta_start, diffusion.beta_end)
         check_convention(_get(cfg, "cost.convention"))

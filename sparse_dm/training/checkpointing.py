@@ -63,6 +63,7 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "init_from": "read only when a run starts at step 0",
     "validate_before_fit": "read only when a run starts at step 0",
     "cost": "the summary's FLOP accounting",
+    "model.sketch_metric": "scores samples after training (its own seed; training never reads it)",
     "nonfinite.max_consecutive_losses": "when NaN/inf losses in a row stop the run (each is skipped anyway)",
     "dataset.latent_cache_dir": "where encoded latents are cached (keyed by content)",
     "backend": "kernels only: backend=sparse trains what backend=dense trains (same masks, weights to float "

@@ -223,3 +223,18 @@ def test_stage_two_waits_for_stage_ones_selection():
     assert stage_one.selection is not None and "dst_schedule_s90.yaml" in stage_one.selection.feeds
     te = sorted({c.factors["te"] for c in stage_one.contrasts if "te" in c.factors})
     assert te[0] <= 16 and 50 <= te[1] <= 80 and te[-1] >= 150
+
+
+@pytest.mark.parametrize("name", ["dst_schedule_s50", "bands_fair"])
+def test_every_arm_logs_the_band_losses_and_scores_its_samples(name, tmp_path):
+    """Per-band losses in every arm (the one-mask controls split at the bands' boundary too) and the
+    sketch metric at the count the report compares at."""
+    spec = load_spec(SPECS / f"{name}.yaml")
+    assert {"fsd_kanjivg", "ksd_kanjivg"} <= set(spec.report_metrics)
+    for arm in spec.arms:
+        cfg = compose_arm(spec, arm, spec.seeds[0], tmp_path / arm)
+        assert cfg.model.sketch_metric.num_samples >= 500, arm
+        assert list(cfg.model.validation.band_boundaries) == [500], arm
+        bands = OmegaConf.select(cfg, "method.timestep_bands")
+        if bands is not None:  # the validation split is the bands' own split
+            assert list(bands.boundaries) == [500], arm

@@ -7,6 +7,10 @@ packed sequences, and splits strokes where the pen channel reaches `sampling.pen
 Every sample grid also yields sketch statistics (`sparse_dm.metrics.sketch_stats`) of the samples and
 of as many held-out drawings, both in the normalised delta units the model generates in; they go to
 the loggers (`sketch/*`, `sketch_data/*`) and, via `sketch_stats_record`, into summary.json.
+
+At the end of a run, `sample_quality` scores `sketch_metric.num_samples` fresh samples against the
+test split in the offline sketch-feature space (`fsd_<space>`, `ksd_<space>`; not Inception FID, see
+docs/sketch_metric.md); summary.json carries them under `metrics`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_dm.metrics.images_for_fid import digest
+from sparse_dm.metrics.sketch_features import MIN_SAMPLES, load_sketch_features, sketch_fidelity
 from sparse_dm.metrics.sketch_stats import sketch_stats
 from sparse_dm.sketch.rasterise import render_batch, save_grid_png
 from sparse_dm.sketch.representation import DATA_CHANNELS, deltas_to_strokes
@@ -33,6 +38,21 @@ from sparse_dm.training.modules.diffusion import (
 )
 
 LENGTH_POOL_KEY = "chirodiff_length_pool"
+
+
+def check_sketch_metric(cfg: dict) -> None:
+    """`model.sketch_metric`: num_samples 0 (off) or >= the metric's minimum; weights with their hash."""
+    num = cfg.get("num_samples")
+    if not (isinstance(num, int) and not isinstance(num, bool) and (num == 0 or num >= MIN_SAMPLES)):
+        raise ValueError(
+            f"model.sketch_metric.num_samples={num!r}; allowed: 0 (off) or an integer >= "
+            f"{MIN_SAMPLES} (the sketch metric's values depend on the count; runs are compared at one)"
+        )
+    if (cfg.get("weights") is None) != (cfg.get("sha256") is None):
+        raise ValueError(
+            "model.sketch_metric.weights and model.sketch_metric.sha256 go together "
+            "(a weights file is checked against its content hash before it is read); set both or neither"
+        )
 
 
 class ChiroDiffModule(DiffusionModule):
@@ -52,8 +72,12 @@ class ChiroDiffModule(DiffusionModule):
         render: dict,
         cost_seq_len: int,
         lr_scheduler: SchedulerFactory | None = None,
+        sketch_metric: dict | None = None,
     ) -> None:
         super().__init__(name, net, diffusion, optimizer, ema, sampling, validation, lr_scheduler)
+        self.sketch_metric_cfg = dict(sketch_metric or {"num_samples": 0})
+        check_sketch_metric(self.sketch_metric_cfg)
+        self.quality_reference: list[Tensor] | None = None
         self.render_cfg = dict(render)
         self.cost_seq_len = cost_seq_len
         class_embed = getattr(net, "class_embed", None)
@@ -182,6 +206,44 @@ class ChiroDiffModule(DiffusionModule):
             for logger in self.trainer.loggers:
                 logger.log_metrics(metrics, step=self.trainer.global_step)
         return path
+
+    def prepare_sample_quality(self, datamodule: Any) -> None:
+        """Keep the test split as the sketch metric's reference (refused, naming the key, when it holds
+        fewer drawings than the metric needs) and check the extractor's weights load."""
+        if not self.sketch_metric_cfg["num_samples"]:
+            return
+        test = getattr(datamodule, "datasets", {}).get("test")
+        drawings = [] if test is None else test.drawings
+        if len(drawings) < MIN_SAMPLES:
+            raise ValueError(
+                f"model.sketch_metric: the dataset's test split has {len(drawings)} drawings (after "
+                f"dataset.max_len), the sketch metric needs >= {MIN_SAMPLES}; set "
+                "model.sketch_metric.num_samples=0 to train without it"
+            )
+        load_sketch_features(self.sketch_metric_cfg.get("weights"), self.sketch_metric_cfg.get("sha256"))
+        self.quality_reference = list(drawings)
+
+    @torch.no_grad()
+    def sample_quality(self) -> dict[str, float]:
+        """fsd/ksd of `sketch_metric.num_samples` fresh samples (the sampling weights and sampler, their
+        own seed, in batches of `sampling.num_samples`) against the test split."""
+        cfg = self.sketch_metric_cfg
+        if not cfg["num_samples"] or self.quality_reference is None:
+            return {}
+        generator = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
+        samples: list[Tensor] = []
+        batch = int(self.sampling_cfg["num_samples"])
+        with self.sampling_weights():
+            while len(samples) < cfg["num_samples"]:
+                samples += self.generate(min(batch, cfg["num_samples"] - len(samples)), generator)
+        return sketch_fidelity(
+            samples,
+            self.quality_reference,
+            self.pen_threshold,
+            cfg.get("weights"),
+            cfg.get("sha256"),
+            seed=int(cfg.get("seed", 0)),
+        )
 
     @property
     def sketch_stats_record(self) -> dict[str, Any] | None:

@@ -133,6 +133,15 @@ class DiffusionModule(L.LightningModule):
     def example_net_inputs(self, batch_size: int = 1) -> tuple:
         raise NotImplementedError
 
+    def prepare_sample_quality(self, datamodule: Any) -> None:
+        """Before fit: load and check what `sample_quality` compares with, so a run that could not
+        score its samples stops before training. Families without an end-of-run metric do nothing
+        (the image family's FID is `sparse_dm.evaluate` and the FidelityCallback)."""
+
+    def sample_quality(self) -> dict[str, float]:
+        """After the final validation (rank 0): sample-quality metrics for summary.json's `metrics`."""
+        return {}
+
     # ----- shared machinery ------------------------------------------------------------------
     @property
     def denoiser(self) -> Callable[..., Tensor]:
