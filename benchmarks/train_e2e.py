@@ -48,12 +48,18 @@ def train(backend: str, out_dir: Path, extra: list[str]) -> dict[str, Any]:
         "val_loss": summary["metrics"].get("val/loss"),
         "val_loss_initial": summary["metrics"].get("val/loss_initial"),
         "val_loss_raw": summary["metrics"].get("val/loss_raw"),
+        "fsd_kanjivg": summary["metrics"].get("fsd_kanjivg"),
+        "ksd_kanjivg": summary["metrics"].get("ksd_kanjivg"),
         "steps": summary.get("steps_completed"),
         "mask_updates": summary["mask_updates"],
         "backend": summary.get("backend"),
         "train_memory": summary.get("train_memory"),
         "kernels": {layer["name"]: layer.get("kernel") for layer in summary["layers"]},
     }
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def render(results: dict[str, Any]) -> str:
@@ -73,22 +79,25 @@ def render(results: dict[str, Any]) -> str:
         f"- order: {', '.join(results['order'])}",
         "",
         "| backend | wall time (process) | wall_time_s (summary) | steps | mask updates | "
-        "val loss: initial -> final (raw) |",
-        "|---|---|---|---|---|---|",
+        "val loss: initial -> final (raw) | fsd_kanjivg | ksd_kanjivg |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in ("dense", "sparse"):
         r = runs[name]
         lines.append(
             f"| {name} | {r['wall_s_process']:.1f} s | {r['wall_time_s']:.1f} s | {r['steps']} | "
             f"{r['mask_updates']} | {r['val_loss_initial']:.4f} -> {r['val_loss']:.4f} "
-            f"({r['val_loss_raw']:.4f}) |"
+            f"({r['val_loss_raw']:.4f}) | {_number(r.get('fsd_kanjivg'), 3)} | "
+            f"{_number(r.get('ksd_kanjivg'), 4)} |"
         )
     lines += [
         "",
         f"Whole run {dense['wall_s_process'] / sparse['wall_s_process']:.2f}x faster with "
         "backend=sparse; "
         f"final val loss {sparse['val_loss']:.4f} vs {dense['val_loss']:.4f} (the same masks; weights "
-        "equal up to float rounding, see tests/sparse_backend/test_training_equivalence.py).",
+        "equal up to float rounding, see tests/sparse_backend/test_training_equivalence.py). The wall "
+        "times hold everything the command does: startup, validations, sample grids, checkpoints and "
+        "the end-of-run sketch metric (500 samples, docs/sketch_metric.md).",
         "",
         "Commands:",
         "",
