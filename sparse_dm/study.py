@@ -29,7 +29,9 @@ def main(cfg: DictConfig) -> None:
     parts = None if cfg.parts is None else [str(p) for p in cfg.parts]
     try:
         specs = [load_spec(p) for p in _paths(cfg.specs)]
-        outcomes = run_studies(specs, parts, int(cfg.n_jobs), int(cfg.num_threads), bool(cfg.dry_run))
+        outcomes = run_studies(
+            specs, parts, int(cfg.n_jobs), int(cfg.num_threads), bool(cfg.dry_run), backend=str(cfg.backend)
+        )
     except ProtocolError as err:  # a refused spec: the message names the key or steps; nothing ran
         log.error("%s", err)
         sys.exit(2)

@@ -44,9 +44,11 @@ CONTRAST_KEYS = frozenset({"a", "b", "metric", "metric_b", "step", "factors", "c
 FIGURE_KEYS = frozenset({"name", "title", "x", "series"})
 SELECTION_KEYS = frozenset({"factor", "feeds"})
 # keys the protocol sets for every run: an arm that sets them would break pairing or the budget
-OWNED_KEYS = ("seed", "trainer.max_steps", "resume", "paths.output_dir", "num_threads")
+OWNED_KEYS = ("seed", "trainer.max_steps", "resume", "paths.output_dir", "num_threads", "backend")
 OWNED_PREFIX = "hydra."
-EXECUTION_KEYS = ("num_threads", "resume")  # how the runner executes a run, not what the run computes
+# How the runner executes a run, not what the run computes (backend: the same masks and weights up to
+# float rounding, tests/sparse_backend/test_training_equivalence.py).
+EXECUTION_KEYS = ("num_threads", "resume", "backend")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]*$")  # arm and part names are folder names
 MIN_SEEDS = 2  # an SD, and so an interval, needs two
 

@@ -422,6 +422,7 @@ def arm_rows(spec: StudySpec, data: Mapping[str, ArmData]) -> list[dict[str, str
                 if found
                 else ("not in summary.json" if summaries else "n/a")
             )
+        row["backend"] = ", ".join(sorted({str(s.get("backend", "dense")) for s in summaries})) or "n/a"
         row["config drift"] = ", ".join(d.config_drift[:CONFIG_DIFF_SHOWN]) + (
             f" (+{len(d.config_drift) - CONFIG_DIFF_SHOWN} more)"
             if len(d.config_drift) > CONFIG_DIFF_SHOWN

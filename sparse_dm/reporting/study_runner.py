@@ -16,13 +16,15 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 from sparse_dm import CONFIG_DIR
-from sparse_dm.reporting.protocol import StudySpec, check_protocol, run_overrides
+from sparse_dm.reporting.protocol import StudySpec, check_protocol, compose_arm, run_overrides
+from sparse_dm.run.checks import sparse_backend_refusal
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +66,32 @@ def record_dir(spec: StudySpec, arm: str, seed: int) -> Path:
     return spec.out / "runs" / arm / f"seed_{seed}"
 
 
-def train_command(spec: StudySpec, arm: str, seed: int, num_threads: int, python: str) -> tuple[str, ...]:
-    """The training command of one run: the spec's config, the arm's overrides, budget, seed."""
+def train_command(
+    spec: StudySpec, arm: str, seed: int, num_threads: int, python: str, backend: str = "dense"
+) -> tuple[str, ...]:
+    """The training command of one run: the spec's config, the arm's overrides, budget, seed, and how
+    it executes (threads, backend)."""
     config = [] if spec.config_dir.resolve() == CONFIG_DIR else ["--config-dir", str(spec.config_dir)]
     run_dir = spec.runs_dir / arm / f"seed_{seed}"
     return (
         python, "-m", TRAIN_MODULE, *config, "--config-name", spec.config_name,
-        *run_overrides(spec, arm, seed), f"num_threads={num_threads}", "resume=auto",
+        *run_overrides(spec, arm, seed), f"num_threads={num_threads}", f"backend={backend}", "resume=auto",
         f"hydra.run.dir={run_dir}",
     )  # fmt: skip
+
+
+def arm_backend(spec: StudySpec, arm: str, requested: str) -> str:
+    """`requested` = sparse: backend=sparse for an arm it can train (a sparse method, one mask per
+    weight), dense for the others (dense, timestep bands). The two backends train the same masks and
+    weights up to float rounding (tests/sparse_backend/test_training_equivalence.py), so this changes
+    how fast a run is, not what it computes; each run's summary.json records the backend it ran."""
+    if requested == "dense":
+        return "dense"
+    if requested != "sparse":
+        raise ValueError(f"backend={requested!r}; allowed: dense or sparse")
+    with tempfile.TemporaryDirectory() as scratch:
+        cfg = compose_arm(spec, arm, spec.seeds[0], Path(scratch))
+    return "sparse" if sparse_backend_refusal(cfg) is None else "dense"
 
 
 def copy_record(job: Job) -> None:
@@ -94,10 +113,14 @@ def copy_record(job: Job) -> None:
         partial.replace(target)
 
 
-def plan(spec: StudySpec, parts: Sequence[str] | None, num_threads: int, python: str) -> list[Job]:
+def plan(
+    spec: StudySpec, parts: Sequence[str] | None, num_threads: int, python: str, backend: str = "dense"
+) -> list[Job]:
+    jobs = spec.jobs(parts)
+    backends = {arm: arm_backend(spec, arm, backend) for arm in dict.fromkeys(arm for arm, _ in jobs)}
     return [
-        Job(spec, arm, seed, train_command(spec, arm, seed, num_threads, python))
-        for arm, seed in spec.jobs(parts)
+        Job(spec, arm, seed, train_command(spec, arm, seed, num_threads, python, backends[arm]))
+        for arm, seed in jobs
     ]
 
 
@@ -126,6 +149,7 @@ def run_studies(
     num_threads: int = 1,
     dry_run: bool = False,
     python: str = sys.executable,
+    backend: str = "dense",
 ) -> list[Outcome]:
     """Check every spec's protocol (nothing runs if one is refused), then run what is not finished."""
     if n_jobs < 1 or num_threads < 1:
@@ -137,7 +161,7 @@ def run_studies(
     outcomes: list[Outcome] = []
     pending: list[Job] = []
     for spec in specs:
-        for job in plan(spec, parts, num_threads, python):
+        for job in plan(spec, parts, num_threads, python, backend):
             if (job.record_dir / SUMMARY).is_file():
                 outcomes.append(Outcome(job, "committed", str(job.record_dir)))
             elif (job.run_dir / SUMMARY).is_file():

@@ -149,29 +149,38 @@ def backend(cfg: DictConfig) -> str:
     return OmegaConf.select(cfg, "backend", default="dense")
 
 
-def _check_backend(cfg: DictConfig) -> None:
-    """backend=sparse trains compact layers with the float32 CPU kernels: it needs masks (a sparse
-    method), one mask per weight, a CPU trainer at 32-bit precision."""
-    _check(cfg, "backend", lambda v: v in BACKENDS, f"one of {BACKENDS}", optional=True)
-    if backend(cfg) != "sparse":
-        return
+def sparse_backend_refusal(cfg: DictConfig) -> str | None:
+    """Why backend=sparse cannot train this config (the message a refusal gives), or None when it can:
+    it needs masks (a sparse method), one mask per weight, a CPU trainer at 32-bit precision."""
     if cfg.method.name == "dense":
-        raise ConfigError(
-            "invalid config: backend=sparse with method=dense (nothing is sparse); allowed: backend=dense, "
+        return (
+            "backend=sparse with method=dense (nothing is sparse); allowed: backend=dense, "
             "or a sparse method (static, rigl, magran)"
         )
     if OmegaConf.select(cfg, "method.timestep_bands") is not None:
-        raise ConfigError(
-            "invalid config: backend=sparse with method.timestep_bands (one mask per band over one weight "
+        return (
+            "backend=sparse with method.timestep_bands (one mask per band over one weight "
             "has no compact layer); allowed: method.timestep_bands=null or backend=dense"
         )
-    _check(cfg, "trainer.accelerator", lambda v: v == "cpu", "cpu with backend=sparse (CPU kernels)")
-    _check(
-        cfg,
-        "trainer.precision",
-        lambda v: v in SPARSE_BACKEND_PRECISIONS,
-        f"one of {SPARSE_BACKEND_PRECISIONS} with backend=sparse (float32 kernels)",
-    )
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    if accelerator != "cpu":
+        return f"trainer.accelerator={accelerator!r}; allowed: cpu with backend=sparse (CPU kernels)"
+    precision = OmegaConf.select(cfg, "trainer.precision")
+    if precision not in SPARSE_BACKEND_PRECISIONS:
+        return (
+            f"trainer.precision={precision!r}; allowed: one of {SPARSE_BACKEND_PRECISIONS} with "
+            "backend=sparse (float32 kernels)"
+        )
+    return None
+
+
+def _check_backend(cfg: DictConfig) -> None:
+    _check(cfg, "backend", lambda v: v in BACKENDS, f"one of {BACKENDS}", optional=True)
+    if backend(cfg) != "sparse":
+        return
+    refusal = sparse_backend_refusal(cfg)
+    if refusal is not None:
+        raise ConfigError(f"invalid config: {refusal}")
 
 
 def _check_beyond_paper_cross_keys(cfg: DictConfig) -> None:

@@ -18,6 +18,7 @@ from sparse_dm.reporting.protocol_report import make_protocol_report
 from sparse_dm.reporting.study_runner import (
     RECORD_FILES,
     Job,
+    plan,
     record_dir,
     run_job,
     run_studies,
@@ -169,3 +170,36 @@ def test_cli_lists_planned_runs_and_refuses_a_violating_spec_with_exit_2(tmp_pat
     refused = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
     assert refused.returncode == 2
     assert "refused before any run" in refused.stdout + refused.stderr and not bad.runs_dir.exists()
+
+
+def test_backend_sparse_runs_the_arms_it_can_train_compact_and_the_others_dense(tmp_path):
+    arms = {
+        "dense": {"label": "Dense", "overrides": ["debug=tiny", "method=dense"]},
+        "rigl": {"label": "RigL", "overrides": ["debug=tiny", "method=rigl", "sparsity=0.5"]},
+        "bands": {
+            "label": "bands",
+            "overrides": [
+                "debug=tiny", "method=rigl", "sparsity=0.5",
+                "method.timestep_bands={boundaries:[500],sparsities:[0.4,0.6]}",
+            ],
+        },
+    }  # fmt: skip
+    spec = spec_at(tmp_path, arms=arms, contrasts=[{"a": "rigl", "b": "dense", "metric": "val_loss_raw"}])
+    chosen = {job.arm: job.command for job in plan(spec, None, 1, sys.executable, "sparse")}
+    assert "backend=sparse" in chosen["rigl"]
+    assert "backend=dense" in chosen["dense"] and "backend=dense" in chosen["bands"]
+    assert all("backend=dense" in job.command for job in plan(spec, None, 1, sys.executable))
+    with pytest.raises(ValueError, match="backend='gpu'; allowed: dense or sparse"):
+        plan(spec, None, 1, sys.executable, "gpu")
+
+
+def test_a_compact_run_has_no_config_drift_against_the_spec(tmp_path):
+    """backend is how a run executes: a record trained with backend=sparse is the arm as declared."""
+    spec = spec_at(tmp_path)
+    job = Job(spec, "rigl", 0, train_command(spec, "rigl", 0, 1, sys.executable, "sparse"))
+    outcome = run_job(job)
+    assert outcome.status == "ran", (job.run_dir / "train_stdout.log").read_text()[-3000:]
+    assert json.loads((job.record_dir / "summary.json").read_text())["backend"] == "sparse"
+    make_protocol_report(spec)
+    arms = {r["name"]: r for r in csv.DictReader((spec.out / "arms.csv").open())}
+    assert arms["rigl"]["config drift"] == ""
