@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sparse_dm.sparse_backend import ColumnPlan, SparseBiGRU, SparseLayout, SparseLinear
-from tests.sparse_backend.kernels import IMPLS, kernels_for
+from tests.sparse_backend.kernels import BASELINE_IMPLS, IMPLS, kernels_for
 from tests.sparse_backend.oracle import exact_mask, float64_copy, masked_gru, pack, packed_batch, tolerance
 
 DENSITIES = [0.05, 0.3, 1.0]
@@ -41,7 +41,7 @@ def linear_pair(density: float, seed: int, impl: str = "reference") -> tuple[Spa
     return sparse, linear.double()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [*IMPLS, *BASELINE_IMPLS])
 @pytest.mark.parametrize("density", DENSITIES)
 def test_linear_matches_masked_dense(impl: str, density: float) -> None:
     sparse, dense = linear_pair(density, seed=3, impl=impl)
@@ -90,7 +90,7 @@ def run_gru(module: nn.Module, x, lengths):
     return output.data, h_n
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [*IMPLS, *BASELINE_IMPLS])
 @pytest.mark.parametrize("density", DENSITIES)
 def test_bigru_matches_masked_nn_gru(impl: str, density: float) -> None:
     gru, masks = masked_gru(input_size=5, hidden=8, layers=2, density=density, seed=11)
