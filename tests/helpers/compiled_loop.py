@@ -56,13 +56,17 @@ def recurrence_for(loop: str) -> Recurrence | None:
     return built
 
 
-def recurrence_for_level(level: str) -> Recurrence:
-    """The compiled loop built for an x86-64 level (a key of X86_LEVELS), or a visible skip where this
-    machine cannot build or run it."""
+def skip_unless_level_runs(level: str) -> None:
+    """A visible skip where this machine cannot run code built for an x86-64 level (a key of X86_LEVELS)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip(f"{level} is an x86-64 level; this machine is {platform.machine()}")
     if missing := X86_LEVELS[level] - cpu_flags():
         pytest.skip(f"this CPU cannot run {level} code (lacks {sorted(missing)})")
+
+
+def recurrence_for_level(level: str) -> Recurrence:
+    """The compiled loop built for an x86-64 level, or a visible skip where it cannot build or run."""
+    skip_unless_level_runs(level)
     built = _build(level)
     if isinstance(built, str):
         pytest.skip(f"compiled GRU loop unavailable for {level}: {built}")

@@ -4,13 +4,12 @@ no one instruction set."""
 
 from __future__ import annotations
 
-import platform
 import tempfile
 from functools import cache
 from pathlib import Path
 
 import pytest
-from helpers.compiled_loop import X86_LEVELS, cpu_flags
+from helpers.compiled_loop import X86_LEVELS, skip_unless_level_runs
 
 from sparse_dm.kernels.build import FLAGS
 from sparse_dm.sparse_backend import KernelUnavailable, TrainKernels, load_train_kernels
@@ -29,10 +28,7 @@ def _build(march: str = "native") -> TrainKernels | str:
 
 
 def _kernels_for_level(level: str) -> TrainKernels:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        pytest.skip(f"{level} is an x86-64 level; this machine is {platform.machine()}")
-    if missing := X86_LEVELS[level] - cpu_flags():
-        pytest.skip(f"this CPU cannot run {level} code (lacks {sorted(missing)})")
+    skip_unless_level_runs(level)
     built = _build(level)
     if isinstance(built, str):
         pytest.skip(f"training kernels unavailable for {level}: {built}")
