@@ -1,10 +1,6 @@
 """The report of a study spec: per-arm numbers and every pre-declared contrast with its interval,
-Holm-adjusted p and verdict, written as <out>/contrasts.md, contrasts.csv, arms.csv and plots/.
-
-It reads only what is committed: the run records <out>/runs/<arm>/seed_<n>/ (summary.json,
-config.yaml, csv/metrics.csv) the study runner copies there, or, for a study made before the protocol
-whose per-seed records were not kept, its per-arm CSV (mean, SD, n: Welch intervals only). Whether a
-contrast's runs respected the recovery window is checked again here, from each run's own config.yaml.
+Holm-adjusted p and verdict, written as <out>/contrasts.md, contrasts.csv, arms.csv and plots/, and the
+cross-study docs/results.md. It formats what protocol_records reads and protocol_contrasts computes.
 """
 
 from __future__ import annotations
@@ -15,35 +11,20 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from omegaconf import DictConfig, OmegaConf
 
-from sparse_dm.reporting.contrasts import Estimate, estimate, holm, verdict, welch_from_stats
+from sparse_dm.reporting.contrasts import Estimate
 from sparse_dm.reporting.plots import DPI, FIGSIZE
-from sparse_dm.reporting.protocol import (
-    EXECUTION_KEYS,
-    ArmSchedule,
-    ContrastSpec,
-    FigureSpec,
-    ProtocolError,
-    StudySpec,
-    arm_schedule,
-    compose_arm,
-    recovery_violations,
-)
+from sparse_dm.reporting.protocol import ArmSchedule, FigureSpec, StudySpec
+from sparse_dm.reporting.protocol_contrasts import ContrastRow, contrast_rows, selection_result
+from sparse_dm.reporting.protocol_records import ArmData, csv_stats, load_committed, number, run_value
 from sparse_dm.reporting.seed_stats import SeedStats
-from sparse_dm.reporting.study import read_curve
-from sparse_dm.reporting.tables import METRIC_KEYS
 
-RUNS = "runs"
-SUMMARY = "summary.json"
-CONFIG = "config.yaml"
-CURVE = Path("csv") / "metrics.csv"
 REPORT = "contrasts.md"
 CONTRASTS_CSV = "contrasts.csv"
 ARMS_CSV = "arms.csv"
@@ -51,210 +32,9 @@ DIGITS = 4
 P_DIGITS = 3
 LOG_X_RATIO = 4.0  # factor values spanning this ratio or more (Te 16 .. 160) are drawn on a log axis
 CONFIG_DIFF_SHOWN = 5
-ABSENT = "<absent>"
 
 
-def metric_key(metric: str) -> str:
-    """The summary / CSV key of a metric: the study short names (val_loss_raw -> val/loss_raw), or a
-    key as logged (val/loss_raw_band0) or as summary.json has it at top level (fsd_kanjivg)."""
-    return METRIC_KEYS.get(metric, metric)
-
-
-# ----- what was committed --------------------------------------------------------------------------------
-@dataclass
-class ArmData:
-    """One arm's committed evidence: run records by seed, or (per-arm CSV studies) its CSV row."""
-
-    runs: dict[int, Path] = field(default_factory=dict)  # seed -> record folder
-    summaries: dict[int, dict[str, Any]] = field(default_factory=dict)
-    schedules: dict[int, ArmSchedule] = field(default_factory=dict)  # from each run's config.yaml
-    csv_row: dict[str, str] | None = None
-    composed: ArmSchedule | None = None  # per-arm CSV studies: from the spec as it stands
-    config_drift: list[str] = field(default_factory=list)
-
-
-def _seed_of(folder: Path) -> int:
-    name = folder.name
-    if not name.startswith("seed_") or not name[5:].isdigit():
-        raise ProtocolError(f"{folder}: run record folders are named seed_<n>")
-    return int(name[5:])
-
-
-def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(cfg, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in cfg.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: cfg}
-
-
-def _config_drift(spec: StudySpec, arm: str, record: DictConfig) -> list[str]:
-    """Keys whose value in a committed run's config differs from the config the spec composes today
-    for the same run (changed defaults or overrides since it ran), so an old record is never silently
-    taken as current."""
-    try:
-        current = compose_arm(spec, arm, int(record.seed), Path(record.paths.output_dir))
-    except ProtocolError as err:
-        return [f"(cannot compose the arm now: {err})"]
-    now = _flat(OmegaConf.to_container(current, resolve=True))
-    then = _flat(OmegaConf.to_container(record, resolve=True))
-    keys = (set(now) | set(then)) - set(EXECUTION_KEYS)
-    return sorted(k for k in keys if now.get(k, ABSENT) != then.get(k, ABSENT))
-
-
-def load_committed(spec: StudySpec) -> dict[str, ArmData]:
-    """Every arm's committed records (refusing folders that are not runs of this spec), or its row of
-    the per-arm CSV for studies without records."""
-    data = {arm: ArmData() for arm in spec.arms}
-    if spec.source_csv is not None:
-        with spec.source_csv.open(newline="") as f:
-            rows = {row["arm"]: row for row in csv.DictReader(f)}
-        for name, arm in spec.arms.items():
-            if arm.csv_arm not in rows:
-                raise ProtocolError(
-                    f"{spec.path}: arms.{name}.csv_arm={arm.csv_arm!r} is not a row of {spec.source_csv}"
-                )
-            data[name].csv_row = rows[arm.csv_arm]
-            data[name].composed = arm_schedule(compose_arm(spec, name, spec.seeds[0], spec.runs_dir / name))
-        return data
-    root = spec.out / RUNS
-    for summary_path in sorted(root.glob(f"*/*/{SUMMARY}")) if root.is_dir() else []:
-        folder = summary_path.parent
-        arm, seed = folder.parent.name, _seed_of(folder)
-        if arm not in spec.arms or seed not in spec.seeds:
-            raise ProtocolError(
-                f"{folder} is not a run of study {spec.name}: arms {list(spec.arms)}, "
-                f"seeds {list(spec.seeds)}"
-            )
-        summary = json.loads(summary_path.read_text())
-        record = OmegaConf.load(folder / CONFIG)
-        if int(summary["seed"]) != seed or int(summary["train_steps"]) != spec.budget_steps:
-            raise ProtocolError(
-                f"{folder}: summary says seed {summary['seed']}, {summary['train_steps']} steps; the spec "
-                f"declares seed {seed} (its folder) and budget_steps {spec.budget_steps}"
-            )
-        entry = data[arm]
-        entry.runs[seed] = folder
-        entry.summaries[seed] = summary
-        entry.schedules[seed] = arm_schedule(record)
-        for key in _config_drift(spec, arm, record):
-            if key not in entry.config_drift:
-                entry.config_drift.append(key)
-    return data
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def run_value(
-    folder: Path, summary: Mapping[str, Any], metric: str, step: int | None, budget: int
-) -> float | None:
-    """A run's metric at the final evaluation (summary.json) or at an earlier one (its CSV curve);
-    None when the run did not log it."""
-    key = metric_key(metric)
-    if step is None or step == budget:
-        metrics = summary.get("metrics") or {}
-        return _number(metrics[key]) if key in metrics else _number(summary.get(key))
-    try:
-        return read_curve(folder / CURVE, key).get(step)
-    except ValueError:  # the column does not exist: the run never logged this metric
-        return None
-
-
-def _csv_stats(row: Mapping[str, str], metric: str) -> SeedStats | None:
-    mean, sd = row.get(f"{metric}_mean"), row.get(f"{metric}_sd")
-    if not mean:
-        return None
-    return SeedStats(int(row["n"]), float(mean), float(sd) if sd else math.nan)
-
-
-# ----- contrasts -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ContrastRow:
-    index: int
-    spec: ContrastSpec
-    label: str
-    estimate: Estimate | None
-    p_holm: float | None
-    verdict: str
-    notes: tuple[str, ...]
-
-
-def _window_problems(spec: StudySpec, arm: str, data: ArmData, step: int) -> list[str]:
-    schedules = list(data.schedules.values()) or ([data.composed] if data.composed else [])
-    return sorted({p for s in schedules for p in recovery_violations(arm, s, [step], spec.recovery_window)})
-
-
-def _estimate_of(
-    spec: StudySpec, c: ContrastSpec, data: Mapping[str, ArmData]
-) -> tuple[Estimate | None, list[str]]:
-    """The contrast's estimate from what was committed, or None with the reasons it cannot be made."""
-    step = c.step or spec.budget_steps
-    problems = _window_problems(spec, c.a, data[c.a], step) + _window_problems(spec, c.b, data[c.b], step)
-    if problems:
-        return None, [f"recovery window violated: {p}" for p in problems]
-    if spec.source_csv is not None:
-        if c.a == c.b:
-            return None, ["one arm's two metrics need per-seed values (paired), which this CSV lacks"]
-        sa, sb = _csv_stats(data[c.a].csv_row, c.metric), _csv_stats(data[c.b].csv_row, c.metric_b)
-        if sa is None or sb is None:
-            return None, [f"{c.metric} / {c.metric_b} not in {spec.source_csv}"]
-        return welch_from_stats(sa, sb, spec.confidence), [
-            "Welch from per-arm mean, SD, n (per-seed values not committed)"
-        ]
-    values = []
-    notes = []
-    for arm, metric in ((c.a, c.metric), (c.b, c.metric_b)):
-        d = data[arm]
-        got = {
-            s: v
-            for s in d.runs
-            if (v := run_value(d.runs[s], d.summaries[s], metric, c.step, spec.budget_steps)) is not None
-        }
-        absent = len(d.runs) - len(got)
-        if absent:
-            notes.append(f"{metric_key(metric)} absent from {absent} of {len(d.runs)} runs of {arm}")
-        if len(d.runs) < len(spec.seeds):
-            notes.append(f"{arm}: {len(d.runs)} of {len(spec.seeds)} seeds committed")
-        values.append(got)
-    if not values[0] or not values[1]:
-        return None, notes or ["no runs committed"]
-    return estimate(values[0], values[1], spec.confidence), notes
-
-
-def contrast_rows(spec: StudySpec, data: Mapping[str, ArmData]) -> list[ContrastRow]:
-    """Every declared contrast, Holm-adjusted over the whole declared family."""
-    made = [_estimate_of(spec, c, data) for c in spec.contrasts]
-    adjusted = holm([e.p if e is not None else None for e, _ in made])
-    rows = []
-    for i, (c, (est, notes), p_holm) in enumerate(zip(spec.contrasts, made, adjusted, strict=True), start=1):
-        a, b = spec.arms[c.a].label, spec.arms[c.b].label
-        if est is None:
-            text = f"not tested ({'; '.join(notes)})"
-        else:
-            text = verdict(est, p_holm, spec.alpha, a, b)
-            if not est.tested:
-                notes = [*notes, est.reason or ""]
-        rows.append(ContrastRow(i, c, c.label(spec.arms), est, p_holm, text, tuple(notes)))
-    return rows
-
-
-# ----- selection and figures -----------------------------------------------------------------------------
-def selection_result(spec: StudySpec, rows: Sequence[ContrastRow]) -> tuple[Any, dict[Any, float]] | str:
-    """The selection rule's choice and the mean difference per factor value, or why it cannot be made."""
-    sel = spec.selection
-    assert sel is not None
-    chosen = [r for r in rows if sel.factor in r.spec.factors]
-    lacking = [r.index for r in chosen if r.estimate is None or math.isnan(r.estimate.difference)]
-    if lacking:
-        return f"not yet: contrasts {lacking} have no estimate"
-    by_value: dict[Any, list[float]] = defaultdict(list)
-    for r in chosen:
-        by_value[r.spec.factors[sel.factor]].append(r.estimate.difference)
-    means = {v: math.fsum(d) / len(d) for v, d in sorted(by_value.items())}
-    return min(means, key=means.__getitem__), means
+# ----- figures -------------------------------------------------------------------------------------------
 
 
 def _series_label(factors: Mapping[str, Any], keys: Sequence[str]) -> str:
@@ -393,13 +173,13 @@ def arm_rows(spec: StudySpec, data: Mapping[str, ArmData]) -> list[dict[str, str
         if d.csv_row is not None:
             row["runs"] = d.csv_row["n"]
             for m in metrics:
-                s = _csv_stats(d.csv_row, m)
+                s = csv_stats(d.csv_row, m)
                 row[m] = "n/a" if s is None else _stat(s)
             row["mask updates"] = (
                 f"{float(d.csv_row['mask_updates_mean']):g} (composed config: {len(d.composed.updates)})"
             )
             row["last update → evaluation"] = _recovery(spec, name, [d.composed])
-            row["exploration rate"] = _fmt(_number(float(d.csv_row["exploration_rate_mean"])), 3)
+            row["exploration rate"] = _fmt(number(float(d.csv_row["exploration_rate_mean"])), 3)
             rows.append(row)
             continue
         seeds = sorted(d.runs)
