@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers.compiled_loop import LOOPS, recurrence_for
 from helpers.run_config import TINY_CHIRODIFF, compose_config
-from helpers.tolerance import assert_close_computed, reductions, sampling_bound
+from helpers.tolerance import Reductions, assert_close_computed, reductions, sampling_bound
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -60,9 +60,10 @@ def bigru_case(loop: str, sparse_storage: bool, hidden: int, batch: int, max_len
     return reference, form, x, variable_lengths(batch, max_len, generator)
 
 
-def assert_bigru_matches(
+def bigru_outputs(
     reference: nn.GRU, form: SparseBiGRU, x: torch.Tensor, lengths: torch.Tensor
-) -> None:
+) -> tuple[torch.Tensor, torch.Tensor, Reductions]:
+    """The inference form's padded outputs, nn.GRU's, and the reference's reduction chain."""
     batch, max_len, _ = x.shape
     with torch.no_grad():
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
@@ -70,6 +71,13 @@ def assert_bigru_matches(
         expected, _ = pad_packed_sequence(states, batch_first=True, total_length=max_len)
         columns = pack_columns(lengths, batch, max_len, form.lanes)
         got = form.unpack(form(paired_input(x, columns), columns), columns)
+    return got, expected, chain
+
+
+def assert_bigru_matches(
+    reference: nn.GRU, form: SparseBiGRU, x: torch.Tensor, lengths: torch.Tensor
+) -> None:
+    got, expected, chain = bigru_outputs(reference, form, x, lengths)
     assert_close_computed(got, expected, reduction_length=chain.length, scale=chain.scale, why=CSR_VS_DENSE)
 
 

@@ -11,7 +11,6 @@ import torch
 from helpers.compiled_loop import X86_LANES, X86_LEVELS, cpu_flags, recurrence_for, recurrence_for_level
 from helpers.tolerance import assert_close_computed, reductions
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from sparse_dm.inference import Thresholds, compiled
 from sparse_dm.inference.calibrate import resolve_recurrence, resolve_settings
@@ -22,7 +21,7 @@ from sparse_dm.inference.packing import pack_columns, paired_input
 from sparse_dm.inference.sparse_gru import SparseBiGRU
 from sparse_dm.kernels import build as kernel_build
 from sparse_dm.models.chirodiff import ChiroDiffNet
-from tests.inference.test_inference import bigru_case
+from tests.inference.test_inference import bigru_case, bigru_outputs
 
 # The loop vs nn.GRU, per gate pre-activation a = sum_k w_k h_k + b (n terms), as Higham's bound
 # (helpers.tolerance) sees it. nn.GRU's error is <= gamma_n S, S = sum|w_k h_k| + |b| <= the
@@ -41,13 +40,7 @@ LOOP_VS_GRU = "compiled loop vs nn.GRU: same terms on the shifted state, another
 def assert_loop_matches_nn_gru(
     reference: nn.GRU, form: SparseBiGRU, x: torch.Tensor, lengths: torch.Tensor
 ) -> None:
-    batch, max_len, _ = x.shape
-    with torch.no_grad():
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        (states, _), chain = reductions(reference, packed)
-        expected, _ = pad_packed_sequence(states, batch_first=True, total_length=max_len)
-        columns = pack_columns(lengths, batch, max_len, form.lanes)
-        got = form.unpack(form(paired_input(x, columns), columns), columns)
+    got, expected, chain = bigru_outputs(reference, form, x, lengths)
     length = chain.length + ELEMENTWISE_TERMS * int(lengths.max()) * reference.num_layers
     scale = SHIFTED_SCALE * chain.scale
     assert_close_computed(got, expected, reduction_length=length, scale=scale, why=LOOP_VS_GRU)
