@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
+from benchmarks.pairing import pair_summary, paired
 from sparse_dm import CONFIG_DIR
 from sparse_dm.kernels.build import FLAGS, find_compiler
 from sparse_dm.run.build import build_run
@@ -160,33 +161,6 @@ class Side:
         return parts
 
 
-def paired(a: Callable[[], None], b: Callable[[], None], pairs: int) -> dict[str, list[float]]:
-    """Wall and CPU seconds of a (dense) and b (sparse), `pairs` times; the first side alternates."""
-    times: dict[str, list[float]] = {k: [] for k in ("dense_wall", "sparse_wall", "dense_cpu", "sparse_cpu")}
-    for i in range(pairs):
-        for fn, side in ((a, "dense"), (b, "sparse")) if i % 2 == 0 else ((b, "sparse"), (a, "dense")):
-            wall, cpu = time.perf_counter(), time.process_time()
-            fn()
-            times[f"{side}_cpu"].append(time.process_time() - cpu)
-            times[f"{side}_wall"].append(time.perf_counter() - wall)
-    return times
-
-
-def medians(times: dict[str, list[float]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for clock in ("wall", "cpu"):
-        dense, sparse = times[f"dense_{clock}"], times[f"sparse_{clock}"]
-        ratios = [d / s for d, s in zip(dense, sparse, strict=True)]
-        out |= {
-            f"dense_ms_{clock}": 1e3 * statistics.median(dense),
-            f"sparse_ms_{clock}": 1e3 * statistics.median(sparse),
-            f"speedup_{clock}": statistics.median(ratios),
-            f"speedup_{clock}_min": min(ratios),
-            f"speedup_{clock}_max": max(ratios),
-        }
-    return out
-
-
 def adamw_step_ms(side: Side, foreach: bool, repeats: int = 5) -> float:
     """AdamW's step alone (lr, betas, weight decay of the run) over the side's parameters, with grads."""
     params = [p.detach().clone().requires_grad_() for p in side.module.net.parameters()]
@@ -215,8 +189,8 @@ def measure(
         side.step()
         side.step(update=True)
         side.phases = {k: [] for k in side.phases}
-    normal = medians(paired(dense.step, sparse.step, settings["pairs"]))
-    update = medians(
+    normal = pair_summary(paired(dense.step, sparse.step, settings["pairs"]))
+    update = pair_summary(
         paired(lambda: dense.step(update=True), lambda: sparse.step(update=True), settings["update_pairs"])
     )
     amortised = {}

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import tempfile
 import time
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from benchmarks.pairing import pair_summary, paired
 from sparse_dm.data.stroke3 import load_stroke3_npz, resolve_data_path
 from sparse_dm.kernels.build import find_compiler
 from sparse_dm.models.chirodiff import ChiroDiffNet
@@ -56,34 +56,6 @@ FULL = {
     "batch": 128,
 }
 QUICK = {"pairs": 2, "warmup": 1, "repeats": 3, "sparsities": [0.9], "threads": [1], "batch": 16}
-
-
-def paired(a: Callable[[], Any], b: Callable[[], Any], pairs: int) -> dict[str, list[float]]:
-    """Wall and CPU seconds of a and b in `pairs` pairs; a runs first in even pairs, b in odd ones."""
-    times: dict[str, list[float]] = {"a_wall": [], "b_wall": [], "a_cpu": [], "b_cpu": []}
-    for i in range(pairs):
-        for fn, side in ((a, "a"), (b, "b")) if i % 2 == 0 else ((b, "b"), (a, "a")):
-            wall, cpu = time.perf_counter(), time.process_time()
-            fn()
-            times[f"{side}_cpu"].append(time.process_time() - cpu)
-            times[f"{side}_wall"].append(time.perf_counter() - wall)
-    return times
-
-
-def summary(times: dict[str, list[float]]) -> dict[str, float]:
-    """Medians in ms and the per-pair speed-up a / b (median, min, max), wall and CPU."""
-    out = {}
-    for clock in ("wall", "cpu"):
-        a, b = times[f"a_{clock}"], times[f"b_{clock}"]
-        ratios = [x / y for x, y in zip(a, b, strict=True)]
-        out |= {
-            f"dense_ms_{clock}": 1e3 * statistics.median(a),
-            f"sparse_ms_{clock}": 1e3 * statistics.median(b),
-            f"speedup_{clock}": statistics.median(ratios),
-            f"speedup_{clock}_min": min(ratios),
-            f"speedup_{clock}_max": max(ratios),
-        }
-    return out
 
 
 def kanjivg_batch(batch: int) -> torch.Tensor:
@@ -210,7 +182,7 @@ def measure_cases(sparsity: float, threads: int, settings: dict, kernels: Any, l
             dense()
             sparse()
         records.append({"case": name, "sparsity": sparsity, "threads": threads,
-                        **summary(paired(dense, sparse, settings["pairs"]))})  # fmt: skip
+                        **pair_summary(paired(dense, sparse, settings["pairs"]))})  # fmt: skip
         print(json.dumps(records[-1]))
     return records
 
