@@ -9,14 +9,7 @@ from helpers.tolerance import assert_close_computed, reductions
 from sparse_dm.diffusion import masked_mse
 from sparse_dm.models.chirodiff import ChiroDiffNet
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny GRUs spend their time in OpenMP barriers on a busy 2-core box; one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize(

@@ -194,13 +194,7 @@ def compare_final(dense: Side, sparse: Side, trace: Trace, dtype: torch.dtype) -
     return bound
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on shared cores a second one spins (these nets are tiny)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -19,14 +19,7 @@ from sparse_dm.sparsity.flops import forward_flops, measure_weight_uses
 from sparse_dm.training.modules.chirodiff import LENGTH_POOL_KEY, ChiroDiffModule
 from sparse_dm.training.modules.diffusion import factory_config
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny GRUs spend their time in OpenMP barriers on a busy 2-core box; one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 CONF = str(CONFIG_DIR)
