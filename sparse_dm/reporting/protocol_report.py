@@ -12,11 +12,13 @@ import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from sparse_dm.reporting.contrasts import Estimate
 from sparse_dm.reporting.plots import DPI, FIGSIZE
@@ -32,6 +34,7 @@ DIGITS = 4
 P_DIGITS = 3
 LOG_X_RATIO = 4.0  # factor values spanning this ratio or more (Te 16 .. 160) are drawn on a log axis
 CONFIG_DIFF_SHOWN = 5
+DODGE = 0.2  # series spread over this fraction of the smallest gap between factor values
 
 
 # ----- figures -------------------------------------------------------------------------------------------
@@ -39,6 +42,17 @@ CONFIG_DIFF_SHOWN = 5
 
 def _series_label(factors: Mapping[str, Any], keys: Sequence[str]) -> str:
     return ", ".join(f"{k} = {factors[k]}" for k in keys)
+
+
+def _dodged(x: float, i: int, n: int, xs: Sequence[float], log_x: bool) -> float:
+    """Series i of n drawn beside the others at the same factor value, so intervals do not hide each
+    other: a shift of up to DODGE of the smallest gap between factor values (a ratio on a log axis)."""
+    offset = (i - (n - 1) / 2) * DODGE / max(n - 1, 1)
+    if log_x:
+        gap = min((b / a for a, b in pairwise(xs)), default=2.0)
+        return x * gap**offset
+    gap = min((b - a for a, b in pairwise(xs)), default=1.0)
+    return x + gap * offset
 
 
 def plot_figure(
@@ -56,22 +70,24 @@ def plot_figure(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     xs = sorted({float(r.spec.factors[fig_spec.x]) for group in series.values() for r in group})
-    for label, group in sorted(series.items()):
+    log_x = xs[0] > 0 and xs[-1] / xs[0] >= LOG_X_RATIO
+    for i, (label, group) in enumerate(sorted(series.items())):
         group.sort(key=lambda r: float(r.spec.factors[fig_spec.x]))
-        x = [float(r.spec.factors[fig_spec.x]) for r in group]
+        x = [_dodged(float(r.spec.factors[fig_spec.x]), i, len(series), xs, log_x) for r in group]
         y = [r.estimate.difference for r in group]
         err = [[d - r.estimate.low for d, r in zip(y, group, strict=True)],
                [r.estimate.high - d for d, r in zip(y, group, strict=True)]]  # fmt: skip
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
     ax.axhline(0.0, color="black", linewidth=0.8)
-    if xs[0] > 0 and xs[-1] / xs[0] >= LOG_X_RATIO:
+    if log_x:
         ax.set_xscale("log")
-        ax.set_xticks(xs, [f"{v:g}" for v in xs])
+        ax.xaxis.set_minor_locator(NullLocator())  # only the factor's own values are labelled
+    ax.set_xticks(xs, [f"{v:g}" for v in xs])
     ax.set_xlabel(fig_spec.x)
     ax.set_ylabel(f"difference A − B ({confidence:.0%} interval, unadjusted)")
     ax.set_title(fig_spec.title, fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the data, never on it
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
     return path
