@@ -3,6 +3,7 @@ the method's own UpdateSchedule, and the recovery window W refused before anythi
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from sparse_dm.reporting.protocol import (
     load_spec,
     recovery_violations,
 )
+from sparse_dm.reporting.protocol_contrasts import contrast_rows, selection_result
+from sparse_dm.reporting.protocol_records import load_committed
 
 SPECS = Path(__file__).resolve().parents[2] / "multirun_sweeps" / "study_specs"
 # debug=tiny: 6 steps, validation every 3, Te = 2 (conf/debug/tiny.yaml); with updates until the end
@@ -216,10 +219,18 @@ def test_the_declared_cpu_studies_pass_their_protocol(name, tmp_path):
         assert last is None or spec.budget_steps - last >= spec.recovery_window, arm
 
 
-def test_stage_two_waits_for_stage_ones_selection():
+def test_stage_two_waits_for_stage_ones_selection(tmp_path):
+    """Unset, stage two names its missing input; set, it is the Te stage one's committed runs select."""
+    text = (SPECS / "dst_schedule_s90.yaml").read_text()
+    unset = tmp_path / "dst_schedule_s90.yaml"
+    unset.write_text(re.sub(r"(?m)^(  te_best:) \S+", r"\1 ???", text))
+    assert load_spec(unset).missing_inputs() == ["inputs.te_best"]
     spec = load_spec(SPECS / "dst_schedule_s90.yaml")
-    assert spec.missing_inputs() == ["inputs.te_best"]
+    assert spec.missing_inputs() == []
     stage_one = load_spec(SPECS / "dst_schedule_s50.yaml")
+    selected = selection_result(stage_one, contrast_rows(stage_one, load_committed(stage_one)))
+    assert not isinstance(selected, str), selected
+    assert spec.raw["inputs"]["te_best"] == selected[0]
     assert stage_one.selection is not None and "dst_schedule_s90.yaml" in stage_one.selection.feeds
     te = sorted({c.factors["te"] for c in stage_one.contrasts if "te" in c.factors})
     assert te[0] <= 16 and 50 <= te[1] <= 80 and te[-1] >= 150
