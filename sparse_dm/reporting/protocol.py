@@ -50,6 +50,7 @@ OWNED_PREFIX = "hydra."
 # float rounding, tests/sparse_backend/test_training_equivalence.py).
 EXECUTION_KEYS = ("num_threads", "resume", "backend")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]*$")  # arm and part names are folder names
+CONTRASTS_FIGURE = "contrasts"  # plots/contrasts.png: every report's interval figure, not a spec figure name
 MIN_SEEDS = 2  # an SD, and so an interval, needs two
 
 
@@ -251,6 +252,8 @@ def _figures(path: Path, node: Any, contrasts: Sequence[ContrastSpec]) -> tuple[
             raise _fail(path, f"figures[{i}] needs exactly {sorted(FIGURE_KEYS)}")
         if not NAME_PATTERN.match(str(f.name)):
             raise _fail(path, f"figures[{i}].name={f.name!r}; allowed: lowercase letters, digits and _")
+        if f.name == CONTRASTS_FIGURE:
+            raise _fail(path, f"figures[{i}].name={f.name!r} is the report's interval figure; rename it")
         keys = (f.x, *f.series)
         if not any(all(k in c.factors for k in keys) for c in contrasts):
             raise _fail(path, f"figures[{i}]: no contrast has factors {list(keys)}")

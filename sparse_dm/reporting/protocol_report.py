@@ -1,6 +1,7 @@
 """The report of a study spec: per-arm numbers and every pre-declared contrast with its interval,
 Holm-adjusted p and verdict, written as <out>/contrasts.md, contrasts.csv, arms.csv and plots/, and the
-cross-study docs/results.md. It formats what protocol_records reads and protocol_contrasts computes.
+cross-study docs/results.md. It formats what protocol_records reads and protocol_contrasts computes; the
+figures are protocol_plots'.
 """
 
 from __future__ import annotations
@@ -12,18 +13,13 @@ import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import NullLocator
-
 from sparse_dm.reporting.contrasts import Estimate
-from sparse_dm.reporting.plots import DPI, FIGSIZE
-from sparse_dm.reporting.protocol import ArmSchedule, FigureSpec, StudySpec
+from sparse_dm.reporting.protocol import CONTRASTS_FIGURE, ArmSchedule, StudySpec
 from sparse_dm.reporting.protocol_contrasts import ContrastRow, contrast_rows, selection_result
+from sparse_dm.reporting.protocol_plots import plot_contrasts, plot_figure
 from sparse_dm.reporting.protocol_records import ArmData, csv_stats, load_committed, number, run_value
 from sparse_dm.reporting.seed_stats import SeedStats
 
@@ -32,65 +28,7 @@ CONTRASTS_CSV = "contrasts.csv"
 ARMS_CSV = "arms.csv"
 DIGITS = 4
 P_DIGITS = 3
-LOG_X_RATIO = 4.0  # factor values spanning this ratio or more (Te 16 .. 160) are drawn on a log axis
 CONFIG_DIFF_SHOWN = 5
-DODGE = 0.2  # series spread over this fraction of the smallest gap between factor values
-
-
-# ----- figures -------------------------------------------------------------------------------------------
-
-
-def _series_label(factors: Mapping[str, Any], keys: Sequence[str]) -> str:
-    return ", ".join(f"{k} = {factors[k]}" for k in keys)
-
-
-def _dodged(x: float, i: int, n: int, xs: Sequence[float], log_x: bool) -> float:
-    """Series i of n drawn beside the others at the same factor value, so intervals do not hide each
-    other: a shift of up to DODGE of the smallest gap between factor values (a ratio on a log axis)."""
-    offset = (i - (n - 1) / 2) * DODGE / max(n - 1, 1)
-    if log_x:
-        gap = min((b / a for a, b in pairwise(xs)), default=2.0)
-        return x * gap**offset
-    gap = min((b - a for a, b in pairwise(xs)), default=1.0)
-    return x + gap * offset
-
-
-def plot_figure(
-    fig_spec: FigureSpec, rows: Sequence[ContrastRow], confidence: float, path: Path
-) -> Path | None:
-    """Differences with their intervals against the factor, one line per series; None: nothing to draw."""
-    keys = (fig_spec.x, *fig_spec.series)
-    series: dict[str, list[ContrastRow]] = defaultdict(list)
-    for r in rows:
-        if all(k in r.spec.factors for k in keys) and r.estimate is not None and r.estimate.low is not None:
-            series[_series_label(r.spec.factors, fig_spec.series)].append(r)
-    if not series:
-        return None
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    xs = sorted({float(r.spec.factors[fig_spec.x]) for group in series.values() for r in group})
-    log_x = xs[0] > 0 and xs[-1] / xs[0] >= LOG_X_RATIO
-    for i, (label, group) in enumerate(sorted(series.items())):
-        group.sort(key=lambda r: float(r.spec.factors[fig_spec.x]))
-        x = [_dodged(float(r.spec.factors[fig_spec.x]), i, len(series), xs, log_x) for r in group]
-        y = [r.estimate.difference for r in group]
-        err = [[d - r.estimate.low for d, r in zip(y, group, strict=True)],
-               [r.estimate.high - d for d, r in zip(y, group, strict=True)]]  # fmt: skip
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    if log_x:
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_locator(NullLocator())  # only the factor's own values are labelled
-    ax.set_xticks(xs, [f"{v:g}" for v in xs])
-    ax.set_xlabel(fig_spec.x)
-    ax.set_ylabel(f"difference A − B ({confidence:.0%} interval, unadjusted)")
-    ax.set_title(fig_spec.title, fontsize="medium")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the data, never on it
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    return path
 
 
 # ----- tables --------------------------------------------------------------------------------------------
@@ -300,6 +238,9 @@ def make_protocol_report(spec: StudySpec, command: str | None = None) -> StudyRe
     notes = _grouped_notes(rows)
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    intervals = plot_contrasts(rows, spec.confidence, out / "plots" / f"{CONTRASTS_FIGURE}.png")
+    if intervals is not None:
+        lines += ["", f"![Every tested contrast with its interval]({intervals.relative_to(out).as_posix()})"]
     if spec.selection is not None:
         result = selection_result(spec, rows)
         lines += ["", "## Selection", ""]

@@ -1,7 +1,8 @@
 """The protocol report from committed records: paired contrasts and Holm over the declared family,
 verdicts computed, and every reason a contrast is not tested stated (absent metric, violated recovery
 window, missing seeds); per-arm-CSV studies; the selection rule, the figure, the CLI; and the committed
-docs equal to what the generator writes from the committed specs (no verdict typed by hand)."""
+docs equal to what the generator writes from the committed specs (no verdict typed by hand); the interval
+figure of every report."""
 
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from matplotlib.colors import to_rgb
 from omegaconf import OmegaConf
+from PIL import Image
 
 from sparse_dm.reporting.contrasts import holm, paired_estimate, welch_from_stats
 from sparse_dm.reporting.protocol import ProtocolError, compose_arm, load_spec
+from sparse_dm.reporting.protocol_plots import DETECTED_COLOR
 from sparse_dm.reporting.protocol_report import make_protocol_report, write_results
 from sparse_dm.reporting.seed_stats import SeedStats
 from tests.reporting.test_protocol import TINY_RIGL, TINY_STATIC, spec_dict
@@ -253,6 +257,41 @@ def test_selection_and_figure(tmp_path):
     assert "Result: **te = 16** (mean differences 16: -0.0433, 64: +0.0033)." in text
     assert "![A − B against Te](plots/diff.png)" in text
     assert_real_png(spec.out / "plots" / "diff.png")
+
+
+def detected_pixels(path: Path) -> int:
+    red = tuple(round(255 * c) for c in to_rgb(DETECTED_COLOR))
+    with Image.open(path) as im:
+        return sum(n for n, colour in im.convert("RGB").getcolors(maxcolors=1 << 20) if colour == red)
+
+
+def test_every_report_draws_its_tested_contrasts_marking_what_holm_detects(tmp_path):
+    spec = protocol_spec(tmp_path)
+    commit_records(spec)  # RigL < Static detected, MagRan − Static not
+    text = make_protocol_report(spec).path.read_text()
+    figure = spec.out / "plots" / "contrasts.png"
+    assert "![Every tested contrast with its interval](plots/contrasts.png)" in text
+    assert_real_png(figure)
+    assert detected_pixels(figure) > 50
+    flat = {arm: {s: 1.0 + 0.01 * (s % 2) for s in (0, 1, 2)} for arm in ("static", "rigl", "magran")}
+    flat["rigl"] = {0: 1.03, 1: 0.99, 2: 0.98}  # RigL − Static: +0.03, -0.02, -0.02: nothing detected
+    (tmp_path / "again").mkdir()
+    again = protocol_spec(tmp_path / "again")
+    commit_records(again, values=flat)
+    make_protocol_report(again)
+    assert detected_pixels(again.out / "plots" / "contrasts.png") == 0
+
+
+def test_no_figure_without_an_interval_and_its_name_is_reserved(tmp_path):
+    spec = protocol_spec(tmp_path)
+    commit_records(spec, values={"static": RAW["static"]})
+    text = make_protocol_report(spec).path.read_text()
+    assert "plots/contrasts.png" not in text and not (spec.out / "plots" / "contrasts.png").exists()
+    contrasts = [{"a": "rigl", "b": "static", "metric": "val_loss_raw", "factors": {"te": 16}}]
+    figures = [{"name": "contrasts", "title": "t", "x": "te", "series": []}]
+    (tmp_path / "reserved").mkdir()
+    with pytest.raises(ProtocolError, match=r"figures\[0\].name='contrasts' is the report's interval figure"):
+        protocol_spec(tmp_path / "reserved", contrasts=contrasts, figures=figures)
 
 
 def test_selection_waits_for_every_contrast(tmp_path):
